@@ -1,0 +1,203 @@
+"""Config vocabulary and validation: every user mistake is caught here, before any heavy work."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+METHODS = ("surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda")
+STRUCTURES = ("unstructured", "semistructured", "structured")
+SCHEDULES = ("linear", "exponential", "cubic")
+CORRELATIONS = ("none", "independent", "layer")
+SELECTIONS = ("global", "uniform")
+CURVATURE_KINDS = ("kfac", "diag_a", "identity", "layerwise")
+FISHERS = ("empirical", "sampled")
+UNIONS = ("exact", "additive")
+LAYERWISE_METHODS = ("sparsegpt", "wanda")
+PAPER_SETTING = "python run.py model=opt-125m data=wikitext2"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config; its message is one line naming the key and valid values."""
+
+
+def shared_dir() -> Path:
+    """`SURGEON_SHARED`, else `../shared` next to the project root."""
+    return Path(os.environ.get("SURGEON_SHARED", PROJECT_ROOT.parent / "shared"))
+
+
+def _shared_resolver(rel: str) -> str:
+    return str(shared_dir() / rel)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("shared"):
+        OmegaConf.register_new_resolver("shared", _shared_resolver)
+
+
+def _one_of(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(map(str, valid))}")
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(repo, revision=revision, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
+        return False
+
+
+def check_model_source(cfg: DictConfig) -> str:
+    """'local', 'cache' or 'hub'; a clear error when a hub model is asked for while offline."""
+    name = str(cfg.model.name_or_path)
+    looks_like_path = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_repo(name)
+    if _is_local(name):
+        return "local"
+    if looks_like_path:
+        hint = ""
+        if str(shared_dir()) in name:
+            hint = (f" (the testbed lives in {shared_dir()}; set SURGEON_SHARED, or run the paper setting: "
+                    f"{PAPER_SETTING})")
+        raise ConfigError(f"model.name_or_path={name!r} does not exist{hint}")
+    if _hub_cached(name, cfg.model.get("revision")):
+        return "cache"
+    if not _hub_reachable():
+        raise ConfigError(
+            f"model.name_or_path={name!r} is a Hugging Face hub model, but the hub cannot be reached (offline); "
+            "download it where there is network, or point model.name_or_path at a local copy "
+            "(model.name_or_path=/path/to/model), or use a testbed preset: model=opt-tiny or model=llama-tiny"
+        )
+    return "hub"
+
+
+def _looks_like_repo(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith(("/", ".", "~"))
+
+
+def validate(cfg: DictConfig, check_sources: bool = True) -> None:
+    """Raise ConfigError on the first invalid value; touches no model and no data beyond file existence."""
+    _one_of("method", cfg.method.name, METHODS)
+    _one_of("structure", cfg.structure.name, STRUCTURES)
+    _one_of("schedule", cfg.schedule, SCHEDULES)
+    _one_of("correlation", cfg.correlation, CORRELATIONS)
+    _one_of("selection", cfg.selection, SELECTIONS)
+    _one_of("union", cfg.union, UNIONS)
+    _one_of("curvature.kind", cfg.curvature.kind, CURVATURE_KINDS)
+    _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
+    _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
+    _one_of("logger", cfg.logger.name, ("none", "wandb"))
+
+    target = cfg.target
+    if not isinstance(target, (int, float)) or not 0 < target < 1:
+        raise ConfigError(f"target={target!r} must be a fraction of prunable weights strictly between 0 and 1")
+    if not isinstance(cfg.shots, int) or cfg.shots < 1:
+        raise ConfigError(f"shots={cfg.shots!r} must be a positive integer")
+    for key in ("damping_a", "damping_g"):
+        if cfg.curvature[key] < 0:
+            raise ConfigError(f"curvature.{key}={cfg.curvature[key]} must be >= 0")
+    if cfg.max_correlate < 0:
+        raise ConfigError(f"max_correlate={cfg.max_correlate} must be >= 0 (0: whole layer)")
+    for key in ("n", "seq_len", "batch_size"):
+        if cfg.calib[key] < 1:
+            raise ConfigError(f"calib.{key}={cfg.calib[key]} must be a positive integer")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0: only dense and final)")
+    if cfg.eval.max_windows is not None and cfg.eval.max_windows < 1:
+        raise ConfigError(f"eval.max_windows={cfg.eval.max_windows} must be a positive integer or null")
+
+    structure, method = cfg.structure.name, cfg.method.name
+    if structure == "semistructured":
+        n, m = cfg.structure.n, cfg.structure.m
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise ConfigError(f"structure.n={n} and structure.m={m}: need integers with 0 < structure.n < structure.m")
+        if abs(target - (m - n) / m) > 1e-9:
+            raise ConfigError(f"target={target} must equal (m-n)/m={(m - n) / m} for structure=semistructured {n}:{m}")
+    if method in LAYERWISE_METHODS:
+        if structure == "structured":
+            raise ConfigError(f"method={method} cannot do structure=structured; valid: unstructured, semistructured")
+        if cfg.curvature.kind != "layerwise":
+            raise ConfigError(f"method={method} needs curvature.kind=layerwise (set by its preset)")
+        if cfg.curvature.rank != 1:
+            raise ConfigError(f"method={method} has no Kronecker rank; use curvature.rank=1")
+    elif cfg.curvature.kind == "layerwise":
+        raise ConfigError(f"curvature.kind=layerwise is only for method=sparsegpt|wanda, not method={method}")
+    if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
+        raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
+
+    if not str(cfg.device) == "auto" and not str(cfg.device).startswith(("cpu", "cuda")):
+        raise ConfigError(f"device={cfg.device!r}; valid values: auto, cpu, cuda, cuda:N")
+    if str(cfg.device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg.device} but CUDA is not available; use device=auto or device=cpu")
+
+    if check_sources:
+        if cfg.data.name in ("testbed", "text"):
+            for key in ("calib_path", "eval_path"):
+                path = cfg.data[key]
+                if not Path(path).is_file():
+                    hint = ""
+                    if cfg.data.name == "testbed":
+                        hint = (f"; the testbed lives in ../shared or $SURGEON_SHARED (now {shared_dir()}); "
+                                f"to run the paper setting: {PAPER_SETTING}")
+                    raise ConfigError(f"data.{key}={path} does not exist{hint}")
+        check_model_source(cfg)
+        check_memory(cfg)
+
+
+def check_memory(cfg: DictConfig) -> None:
+    """Refuse a model whose float32 weights plus curvature clearly cannot fit the device."""
+    import torch
+
+    params = cfg.model.get("params")
+    if not params:
+        return
+    device = resolve_device(cfg.device)
+    need = 4.0 * float(params) * 1.5  # weights, plus factors and activations of one block at a time
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return
+    if need > have:
+        raise ConfigError(
+            f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} has "
+            f"{have / 2**30:.1f} GiB; use a larger device or a smaller model preset"
+        )
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,185 @@
+"""One pruning loop for every method (ALGORITHM.md section 5).
+
+A shot: re-estimate the curvature on the current model, compute the cost of every
+structure in every layer, pick what to remove with one global threshold, update the
+remaining weights (OBS, jointly per layer), zero the removed structures. Baselines are
+configurations of the same shot: magnitude = identity curvature + no update, L-OBD =
+diag(A) + no update, K-OBD = KFAC + no update. SparseGPT and Wanda are layer-wise and
+take their own path through `surgeon.baselines`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
+from .curvature import estimate_curvature
+from .obs import LayerOBS
+from .selection import select_nm, select_structured, select_unstructured
+
+
+@dataclass
+class ShotOptions:
+    """The parts of the config a shot needs, in the paper's vocabulary."""
+
+    method: str = "surgeon"
+    kind: str = "kfac"
+    structure: str = "unstructured"
+    n: int = 2
+    m: int = 4
+    correlation: str = "layer"
+    selection: str = "global"
+    max_correlate: int = 2000
+    union: str = "exact"
+    rank: int = 1
+    rank2_iters: int = 3
+    damping_a: float = 0.01
+    damping_g: float = 0.1
+    fisher: str = "empirical"
+    undamped_numerators: bool = False
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    @classmethod
+    def from_config(cls, cfg) -> "ShotOptions":
+        return cls(
+            method=cfg.method.name, kind=cfg.curvature.kind, structure=cfg.structure.name,
+            n=cfg.structure.n, m=cfg.structure.m, correlation=cfg.correlation, selection=cfg.selection,
+            max_correlate=cfg.max_correlate, union=cfg.union, rank=cfg.curvature.rank,
+            rank2_iters=cfg.curvature.rank2_iters, damping_a=cfg.curvature.damping_a,
+            damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
+            undamped_numerators=cfg.curvature.undamped_numerators,
+            blocksize=cfg.method.get("blocksize", 128), percdamp=cfg.method.get("percdamp", 0.01),
+        )
+
+
+@dataclass
+class PruneState:
+    """What has been removed so far: element masks (R, Cw) for every layer; rows/columns when structured."""
+
+    removed: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    cols: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, layers: list[PrunableLayer]) -> "PruneState":
+        removed, rows, cols = {}, {}, {}
+        for layer in layers:
+            R, C = layer.module.weight.shape
+            device = layer.module.weight.device
+            removed[layer.name] = torch.zeros(R, C, dtype=torch.bool, device=device)
+            rows[layer.name] = torch.zeros(R, dtype=torch.bool, device=device)
+            cols[layer.name] = torch.zeros(C, dtype=torch.bool, device=device)
+        return cls(removed, rows, cols)
+
+    def state_dict(self) -> dict:
+        return {"removed": {k: v.cpu() for k, v in self.removed.items()},
+                "rows": {k: v.cpu() for k, v in self.rows.items()},
+                "cols": {k: v.cpu() for k, v in self.cols.items()}}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device) -> "PruneState":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return cls(move(sd["removed"]), move(sd["rows"]), move(sd["cols"]))
+
+
+@torch.no_grad()
+def apply_masks(layers: list[PrunableLayer], state: PruneState) -> None:
+    """Removed entries are exactly zero; a removed row takes its bias with it."""
+    for layer in layers:
+        layer.module.weight[state.removed[layer.name]] = 0
+        if layer.module.bias is not None:
+            layer.module.bias[state.rows[layer.name]] = 0
+
+
+@torch.no_grad()
+def layer_sparsity(layers: list[PrunableLayer]) -> list[float]:
+    """Fraction of exactly-zero weight entries per layer (biases not counted)."""
+    return [(layer.module.weight == 0).sum().item() / layer.module.weight.numel() for layer in layers]
+
+
+@torch.no_grad()
+def overall_sparsity(layers: list[PrunableLayer]) -> float:
+    zeros = sum((layer.module.weight == 0).sum().item() for layer in layers)
+    return zeros / sum(layer.module.weight.numel() for layer in layers)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
+               target: float, opts: ShotOptions, *, seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Prune `model` in place to overall sparsity `target`; returns seconds per phase."""
+    device = next(model.parameters()).device
+    if opts.kind == "layerwise":
+        from .baselines import prune_layerwise
+
+        t0 = time.perf_counter()
+        n, m = (opts.n, opts.m) if opts.structure == "semistructured" else (0, 0)
+        state.removed.update(prune_layerwise(
+            model, layers, batches, method=opts.method, sparsity=target, n=n, m=m, removed=state.removed,
+            blocksize=opts.blocksize, percdamp=opts.percdamp, progress=progress))
+        apply_masks(layers, state)
+        _sync(device)
+        return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}
+
+    seconds = {}
+    t0 = time.perf_counter()
+    factors = estimate_curvature(model, layers, batches, fisher=opts.fisher, rank=opts.rank, kind=opts.kind,
+                                 rank2_iters=opts.rank2_iters, seed=seed, progress=progress)
+    _sync(device)
+    seconds["curvature"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    obd = opts.correlation == "none"
+    solvers: dict[str, LayerOBS] = {}
+    costs, row_costs, col_costs = {}, {}, {}
+    for layer in layers:
+        f = factors.pop(layer.name)
+        solver = LayerOBS(weight_with_bias(layer.module), f.A, f.G, damping_a=opts.damping_a,
+                          damping_g=opts.damping_g, has_bias=layer.module.bias is not None, A2=f.A2, G2=f.G2,
+                          undamped_numerators=opts.undamped_numerators)
+        if opts.structure == "structured":
+            row_costs[layer.name] = solver.obd_row_costs() if obd else solver.row_costs()
+            col_costs[layer.name] = solver.obd_col_costs() if obd else solver.col_costs()
+        else:
+            costs[layer.name] = solver.obd_element_costs() if obd else solver.element_costs()
+        if not obd:
+            solvers[layer.name] = solver
+    uniform = opts.selection == "uniform"
+    if opts.structure == "structured":
+        rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
+        state.rows.update(rows)
+        state.cols.update(cols)
+        for name in rows:
+            state.removed[name] = rows[name][:, None] | cols[name][None, :]
+    elif opts.structure == "semistructured":
+        state.removed.update(select_nm(costs, state.removed, target, opts.n, opts.m, uniform=uniform))
+    else:
+        state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform))
+    _sync(device)
+    seconds["costs"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for layer in layers:
+        solver = solvers.pop(layer.name, None)
+        if solver is None:
+            continue
+        name = layer.name
+        if opts.structure == "structured":
+            mode = "independent" if opts.correlation == "independent" else ("union" if opts.union == "exact"
+                                                                            else "additive")
+            W = solver.update_rows_cols(state.rows[name], state.cols[name], mode=mode)
+        elif opts.correlation == "independent":
+            W = solver.update_elements_independent(state.removed[name])
+        else:
+            W = solver.update_elements(state.removed[name], max_correlate=opts.max_correlate)
+        set_weight_with_bias(layer.module, W)
+    apply_masks(layers, state)
+    _sync(device)
+    seconds["update"] = time.perf_counter() - t0
+    return seconds

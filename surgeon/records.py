@@ -1,0 +1,132 @@
+"""The result record: one JSON object per run, the single source for W&B, tables and plots."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import PROJECT_ROOT
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:8]
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: str | Path, obj) -> None:
+    """Append one line under an exclusive lock, so concurrent multirun / cluster jobs never interleave."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(obj) + "\n"
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    out = {"surgeon": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    for name in ("datasets", "hydra", "omegaconf", "wandb", "lm_eval"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional or broken packages are simply not recorded
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def protocol(cfg, device: str) -> dict:
+    """What PROTOCOL.md requires a record to carry, from the resolved config."""
+    structured = cfg.structure.name
+    return {
+        "model": str(cfg.model.name_or_path),
+        "model_preset": cfg.model.name,
+        "revision": cfg.model.get("revision"),
+        "method": cfg.method.name,
+        "structure": structured,
+        "n": cfg.structure.n,
+        "m": cfg.structure.m,
+        "target": cfg.target,
+        "shots": cfg.shots,
+        "schedule": cfg.schedule,
+        "rank": cfg.curvature.rank,
+        "correlation": cfg.correlation,
+        "selection": cfg.selection,
+        "max_correlate": cfg.max_correlate,
+        "union": cfg.union,
+        "damping_a": cfg.curvature.damping_a,
+        "damping_g": cfg.curvature.damping_g,
+        "fisher": cfg.curvature.fisher,
+        "lora": bool(cfg.lora.enabled),
+        "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
+                  "seed": cfg.calib.seed},
+        "eval": {"dataset": cfg.data.name, "source": _eval_source(cfg), "split": cfg.data.get("eval_split", "test"),
+                 "seq_len": cfg.eval.seq_len, "max_windows": cfg.eval.max_windows},
+        "quick": bool(cfg.quick),
+        "device": device,
+        "dtype": cfg.model.dtype,
+    }
+
+
+def _calib_source(cfg) -> str:
+    if cfg.data.name == "wikitext2":
+        return f"{cfg.data.hub_path}/{cfg.data.hub_name}:train"
+    return f"{cfg.data.name}:{Path(cfg.data.calib_path).name}"
+
+
+def _eval_source(cfg) -> str:
+    if cfg.data.name == "wikitext2":
+        return f"{cfg.data.hub_path}/{cfg.data.hub_name}:test"
+    return f"{cfg.data.name}:{Path(cfg.data.eval_path).name}"

@@ -1,0 +1,234 @@
+"""The runner: validate, load, calibrate, evaluate dense, run the shots, evaluate, record.
+
+Reads top to bottom like the paper's algorithm; everything numeric lives in the modules
+it calls (curvature -> obs -> selection -> prune), everything about bookkeeping in
+`records`. The record is rewritten atomically after every shot and a checkpoint lets an
+interrupted run resume from its last finished shot.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import models
+from .adapters import adapter_for, prunable_parameter_count
+from .config import ConfigError, resolve_device, to_container, validate
+from .evaluate import perplexity, window_losses
+from .prune import PruneState, ShotOptions, apply_masks, layer_sparsity, overall_sparsity, prune_shot
+from .records import append_jsonl, git_commit, new_run_id, now_iso, protocol, versions, write_json_atomic
+from .schedule import shot_targets
+
+log = logging.getLogger("surgeon")
+
+CHECKPOINT = "checkpoint.pt"
+RECORD = "record.json"
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def _make_logger(cfg, run_dir: Path):
+    if cfg.logger.name != "wandb":
+        return None
+    try:
+        from .wandb_logger import WandbLogger
+
+        return WandbLogger(to_container(cfg), project=cfg.logger.project, mode=cfg.logger.mode,
+                           run_name=cfg.logger.run_name, dir=str(run_dir), tags=list(cfg.logger.tags))
+    except Exception as err:  # noqa: BLE001 - a failing W&B never kills the run
+        log.warning("W&B disabled: %s", err)
+        return None
+
+
+def _lm_eval(cfg, model, tokenizer):
+    from .downstream import run_lm_eval
+
+    lm = cfg.eval.lm_eval
+    return run_lm_eval(model, tokenizer, list(lm.tasks), include_path=lm.include_path, num_fewshot=lm.num_fewshot,
+                       batch_size=lm.batch_size, limit=lm.limit)
+
+
+def _save_checkpoint(path: Path, layers, state: PruneState, shot: int, record: dict) -> None:
+    """Weights of the prunable layers, masks, RNG and loop state, written atomically."""
+    payload = {
+        "shot": shot,
+        "weights": {l.name: {k: v.detach().cpu() for k, v in l.module.state_dict().items()} for l in layers},
+        "state": state.state_dict(),
+        "record": record,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, cfg, device) -> dict | None:
+    if not path.exists():
+        log.warning("resume=true but %s has no checkpoint: starting from shot 1", path.parent)
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    old, new = ckpt["record"]["protocol"], protocol(cfg, str(device))
+    changed = [k for k in new if k not in ("device",) and old.get(k) != new[k]]
+    if changed:
+        raise ConfigError(f"resume=true but the run in {path.parent} was made with different "
+                          f"{', '.join(changed)}; use a new hydra.run.dir or the same settings")
+    return ckpt
+
+
+def summary_table(record: dict) -> str:
+    lines = [f"{'shot':>4} {'target':>7} {'sparsity':>8} {'ppl':>10} {'seconds':>8}",
+             f"{'dense':>4} {'':>7} {0.0:>8.4f} {record['dense_ppl'] or float('nan'):>10.3f}"]
+    for p in record["points"]:
+        ppl = f"{p['ppl']:>10.3f}" if p["ppl"] is not None else f"{'-':>10}"
+        lines.append(f"{p['shot']:>4} {p['target']:>7.4f} {p['sparsity']:>8.4f} {ppl} {sum(p['seconds'].values()):>8.1f}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run one pruning job; returns its record (also in run_dir/record.json and cfg.results)."""
+    validate(cfg)  # before anything heavy: a bad input never loads a model
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ckpt = _load_checkpoint(run_dir / CHECKPOINT, cfg, device) if cfg.resume else None
+
+    record = ckpt["record"] if ckpt else {
+        "run_id": new_run_id(), "status": "running", "started": now_iso(), "finished": None,
+        "resumed_from_shot": None, "config": to_container(cfg), "protocol": protocol(cfg, str(device)),
+        "dense_ppl": None, "final_ppl": None, "sparsity": None, "points": [], "layers": [], "lm_eval": None,
+        "versions": versions(), "git_commit": git_commit(), "model_dir": None, "error": None,
+    }
+    if ckpt:
+        record.update(status="running", resumed_from_shot=ckpt["shot"], config=to_container(cfg))
+    record_path = run_dir / RECORD
+    write_json_atomic(record_path, record)
+    wandb = _make_logger(cfg, run_dir)
+    try:
+        record = _run(cfg, run_dir, device, record, ckpt, wandb)
+    except BaseException as err:
+        record.update(status="failed", finished=now_iso(), error=f"{type(err).__name__}: {err}")
+        write_json_atomic(record_path, record)
+        if wandb:
+            wandb.finish(exit_code=1)
+        raise
+    if wandb:
+        wandb.log_final(record)
+        wandb.finish()
+    return record
+
+
+def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> dict:
+    record_path = run_dir / RECORD
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model, tokenizer = models.load_model(cfg, device)
+    layers = adapter_for(model.config.model_type).layers(model)
+    texts = data_mod.load_texts(cfg.data)
+    calib = data_mod.calibration_windows(data_mod.tokenize(tokenizer, texts.calib), cfg.calib.n, cfg.calib.seq_len,
+                                         cfg.calib.seed)
+    batches = data_mod.batches(calib, cfg.calib.batch_size)
+    eval_w = data_mod.eval_windows(data_mod.tokenize(tokenizer, texts.eval), cfg.eval.seq_len, cfg.eval.max_windows)
+    record["protocol"]["eval"]["windows"] = eval_w.shape[0]
+    record["protocol"]["prunable_params"] = prunable_parameter_count(layers)
+    record["layers"] = [{"name": l.name, "type": l.type, "block": l.block, "shape": list(l.shape), "sparsity": 0.0}
+                        for l in layers]
+    ppl = lambda: perplexity(model, eval_w, cfg.eval.batch_size)  # noqa: E731
+
+    if ckpt:
+        with torch.no_grad():
+            for layer in layers:
+                layer.module.load_state_dict(ckpt["weights"][layer.name])
+        state = PruneState.from_state_dict(ckpt["state"], device)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        start = ckpt["shot"] + 1
+        log.info("resuming %s from shot %d", run_dir, start)
+    else:
+        state = PruneState.empty(layers)
+        start = 1
+        if cfg.eval.dense:
+            record["dense_ppl"] = ppl()
+            log.info("dense perplexity %.3f", record["dense_ppl"])
+            if wandb:
+                wandb.log_dense(record["dense_ppl"])
+        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.dense:
+            record["lm_eval"] = {"dense": _lm_eval(cfg, model, tokenizer)}
+        write_json_atomic(record_path, record)
+
+    targets = shot_targets(cfg.target, cfg.shots, cfg.schedule)
+    opts = ShotOptions.from_config(cfg)
+    for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = prune_shot(model, layers, batches, state, targets[shot - 1], opts, seed=cfg.seed + shot,
+                             progress=True)
+        point = {"shot": shot, "target": targets[shot - 1]}
+        if cfg.lora.enabled:
+            t0 = time.perf_counter()
+            point["lora"] = _lora(cfg, model, layers, calib, state, shot)
+            seconds["lora"] = time.perf_counter() - t0
+        evaluate = shot == cfg.shots or (cfg.eval.every and shot % cfg.eval.every == 0)
+        t0 = time.perf_counter()
+        point["ppl"] = ppl() if evaluate else None
+        seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
+        point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(device),
+                     layer_sparsity=layer_sparsity(layers))
+        record["points"].append(point)
+        for entry, s in zip(record["layers"], point["layer_sparsity"]):
+            entry["sparsity"] = s
+        record["sparsity"] = point["sparsity"]
+        if point["ppl"] is not None:
+            record["final_ppl"] = point["ppl"]
+        write_json_atomic(record_path, record)
+        _save_checkpoint(run_dir / CHECKPOINT, layers, state, shot, record)
+        if wandb:
+            wandb.log_shot(point, record["layers"])
+        log.info("shot %d/%d: target %.4f sparsity %.4f ppl %s", shot, cfg.shots, point["target"],
+                 point["sparsity"], f"{point['ppl']:.3f}" if point["ppl"] is not None else "-")
+
+    if cfg.eval.lm_eval.tasks:
+        record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
+    if cfg.save_model:
+        model_dir = run_dir / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        record["model_dir"] = str(model_dir.resolve())
+    record.update(status="complete", finished=now_iso())
+    write_json_atomic(record_path, record)
+    append_jsonl(cfg.results, record)
+    print(summary_table(record))
+    return record
+
+
+def _lora(cfg, model, layers, calib: torch.Tensor, state: PruneState, shot: int) -> dict:
+    """Interleaved low-rank first-order correction on a seeded subset of the calibration data (section 6)."""
+    from .lora import lora_correction
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + shot)
+    k = max(1, round(cfg.lora.fraction * calib.shape[0]))
+    subset = calib[torch.randperm(calib.shape[0], generator=gen)[:k]]
+    lora_batches = data_mod.batches(subset, 1)
+    steps = cfg.lora.steps or len(lora_batches)
+    before = window_losses(model, subset).mean().item()
+    losses = lora_correction(model, layers, lora_batches, state.removed, rank=cfg.lora.rank, lr=cfg.lora.lr,
+                             steps=steps, seed=cfg.seed * 1000 + shot)
+    apply_masks(layers, state)
+    after = window_losses(model, subset).mean().item()
+    return {"steps": steps, "loss_before": before, "loss_after": after, "step_losses": losses}

@@ -1,0 +1,100 @@
+"""Every preset composes and validates; every bad input fails before the model is loaded."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONF, ROOT, compose
+from surgeon.config import ConfigError, validate
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_config_is_the_documented_default(shared):
+    cfg = compose()
+    validate(cfg)
+    assert (cfg.model.name, cfg.data.name, cfg.method.name, cfg.structure.name) == (
+        "opt-tiny", "testbed", "surgeon", "structured")
+    assert cfg.calib.seed == 100 and cfg.calib.seq_len == 256
+
+
+@pytest.mark.parametrize("group", ["model", "data", "method", "structure", "logger"])
+def test_every_preset_composes_and_validates(group, shared, monkeypatch):
+    monkeypatch.setattr("surgeon.config._hub_reachable", lambda timeout=3.0: True)
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "method" and option in ("sparsegpt", "wanda"):
+            overrides.append("structure=unstructured")
+        if group == "data" and option == "text":
+            overrides += [f"data.calib_path={shared}/data/wikitext-2/valid.txt",
+                          f"data.eval_path={shared}/data/wikitext-2/test.txt"]
+        cfg = compose(overrides)
+        validate(cfg, check_sources=group not in ("model", "data") or option in ("opt-tiny", "llama-tiny", "testbed", "text"))
+        assert cfg[group].name == option
+
+
+def test_presets_own_their_defaults():
+    assert compose(["structure=structured"]).curvature.damping_g == 0.01
+    assert compose(["structure=unstructured"]).curvature.damping_g == 0.1
+    assert compose(["structure=semistructured"]).curvature.damping_a == 0.01
+    kobd = compose(["method=kobd"])
+    assert kobd.correlation == "none" and kobd.curvature.kind == "kfac"
+    assert compose(["data=wikitext2"]).calib.seq_len == 2048
+    # an explicit override beats the preset
+    assert compose(["structure=unstructured", "curvature.damping_g=0.5"]).curvature.damping_g == 0.5
+
+
+BAD = [
+    (["target=1.5"], "target"),
+    (["target=0"], "target"),
+    (["structure=semistructured", "structure.n=4", "structure.m=4"], "structure.n"),
+    (["structure=semistructured", "target=0.3"], "target"),
+    (["method=sparsegpt", "structure=structured"], "method=sparsegpt cannot do structure=structured"),
+    (["method=wanda", "structure=structured"], "method=wanda cannot do structure=structured"),
+    (["schedule=quadratic"], "schedule"),
+    (["correlation=global"], "correlation"),
+    (["curvature.rank=3"], "curvature.rank"),
+    (["shots=0"], "shots"),
+    (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_input_fails_before_loading(overrides, message, shared, tmp_path, monkeypatch):
+    from surgeon import runner
+
+    def loader_must_not_run(*a, **k):
+        raise AssertionError("the model loader was called")
+
+    monkeypatch.setattr(runner.models, "load_model", loader_must_not_run)
+    cfg = compose(overrides + [f"results={tmp_path}/records.jsonl"])
+    with pytest.raises(ConfigError) as err:
+        runner.run(cfg, tmp_path / "run")
+    assert message in str(err.value)
+    assert not (tmp_path / "records.jsonl").exists()
+    assert not (tmp_path / "run" / "record.json").exists()
+
+
+def test_hub_model_offline_says_so(monkeypatch, shared):
+    monkeypatch.setattr("surgeon.config._hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr("surgeon.config._hub_cached", lambda repo, rev: False)
+    with pytest.raises(ConfigError, match="offline.*model.name_or_path=/path/to/model"):
+        validate(compose(["model=opt-125m"]))
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["target=1.5"], "target=1.5"),
+    (["model=nonexistent"], "model"),
+    (["no_such_key=1"], "no_such_key"),
+    (["model=opt-125m"], "offline"),
+])
+def test_cli_bad_input_exits_nonzero(args, expect, tmp_path, shared):
+    env_run_dir = f"hydra.run.dir={tmp_path}/run"
+    proc = subprocess.run([sys.executable, "run.py", env_run_dir, f"results={tmp_path}/r.jsonl", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert expect in proc.stderr + proc.stdout
+    assert not (tmp_path / "r.jsonl").exists()
