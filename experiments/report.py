@@ -1,0 +1,60 @@
+"""Tables and figures from result records.
+
+    python -m experiments.report --records results/records.jsonl [more.jsonl ...] --out reports/
+
+Writes tables.md, tables.tex, tables.json, ppl_vs_size.png and allocation_<run>.png
+(by default for every structured LLM Surgeon record; choose others with --allocation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from experiments.plots import plot_allocation, plot_ppl_vs_size
+from experiments.tables import build_tables, load_records, to_latex, to_markdown
+
+
+def write_report(records: list[dict], out, allocation_runs: list[str] | None = None) -> list[Path]:
+    """Write the tables and figures for `records` into `out`; returns the files written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(records)
+    written = []
+    for name, text in (("tables.md", to_markdown(tables)), ("tables.tex", to_latex(tables)),
+                       ("tables.json", json.dumps(tables, indent=1))):
+        (out / name).write_text(text)
+        written.append(out / name)
+
+    if allocation_runs is None:
+        chosen = [r for r in records if r["protocol"]["structure"] == "structured"
+                  and r["protocol"]["method"] == "surgeon"]
+    else:
+        by_id = {r.get("run_id"): r for r in records}
+        unknown = [run for run in allocation_runs if run not in by_id]
+        if unknown:
+            raise SystemExit(f"--allocation: no complete record with run_id {unknown}; known: {sorted(by_id)}")
+        chosen = [by_id[run] for run in allocation_runs]
+    try:
+        written.append(plot_ppl_vs_size(records, out / "ppl_vs_size.png"))
+        written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]
+    except ImportError as err:
+        print(f"figures skipped: {err}", file=sys.stderr)  # the tables are still worth having
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--records", nargs="+", required=True, help="JSON-lines record files")
+    parser.add_argument("--out", default="reports", help="output directory (default: reports)")
+    parser.add_argument("--allocation", nargs="*", metavar="RUN_ID",
+                        help="run ids to draw the allocation figure for (default: structured surgeon runs)")
+    args = parser.parse_args(argv)
+    records = load_records(args.records)
+    for path in write_report(records, args.out, args.allocation):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Result records -> the paper's three tables (LLM Surgeon, Tables 1-3) as Markdown, LaTeX and JSON.
+
+Every number comes from a record; a cell without a measurement stays missing, never
+filled or interpolated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+METHOD_NAMES = {
+    "magnitude": "Magnitude",
+    "lobd": "L-OBD",
+    "kobd": "K-OBD",
+    "sparsegpt": "SparseGPT",
+    "wanda": "Wanda",
+    "surgeon": "LLM Surgeon",
+}
+DENSE = "Dense (100%)"
+STRUCTURED_SIZES = (0.9, 0.8, 0.7, 0.6, 0.5)  # Table 1, read off one multi-shot run
+FINAL_TARGET = 0.5  # Tables 2 and 3
+MISSING_MD = "—"
+MISSING_TEX = "--"
+
+# Settings that tell two runs of the same method apart; a row label names those that vary
+# within a table, so that e.g. rank 1 and rank 2 runs never overwrite each other.
+VARIANTS = {
+    "shots": ("protocol", "shots"),
+    "schedule": ("protocol", "schedule"),
+    "rank": ("protocol", "rank"),
+    "correlation": ("protocol", "correlation"),
+    "selection": ("protocol", "selection"),
+    "fisher": ("protocol", "fisher"),
+    "damping_a": ("protocol", "damping_a"),
+    "damping_g": ("protocol", "damping_g"),
+    "max_correlate": ("protocol", "max_correlate"),
+    "union": ("protocol", "union"),
+    "lora": ("protocol", "lora"),
+}
+
+# The protocol settings summarised under each table: group -> (label, path in the protocol)
+SUMMARY = {
+    "calib": (("", ("calib", "source")), ("n", ("calib", "n")), ("seq_len", ("calib", "seq_len")),
+              ("seed", ("calib", "seed"))),
+    "eval": (("", ("eval", "dataset")), ("", ("eval", "split")), ("seq_len", ("eval", "seq_len")),
+             ("max_windows", ("eval", "max_windows"))),
+    "damping": (("lambda_A", ("damping_a",)), ("lambda_G", ("damping_g",))),
+    "quick": (("", ("quick",)),),
+}
+TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+               "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _get(obj, path):
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _newness(record: dict) -> str:
+    return record.get("finished") or record.get("started") or ""
+
+
+def select_records(records: list[dict]) -> list[dict]:
+    """Complete records only, the newest one per identical protocol (later in the list wins ties)."""
+    newest = {}
+    for record in records:
+        if record.get("status") != "complete":
+            continue
+        key = json.dumps(record.get("protocol"), sort_keys=True)
+        if key not in newest or _newness(record) >= _newness(newest[key]):
+            newest[key] = record
+    return list(newest.values())
+
+
+def load_records(paths) -> list[dict]:
+    """Read JSON-lines record files (in order) and keep the newest complete record per protocol."""
+    records = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number} is not a JSON record: {err}") from err
+    return select_records(records)
+
+
+def model_name(record: dict) -> str:
+    """The model's preset name, or the last part of its path."""
+    protocol = record["protocol"]
+    return protocol.get("model_preset") or Path(str(protocol["model"]).rstrip("/")).name
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def _order(value):
+    """Sort key for mixed setting values: numbers numerically, then everything else as text."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return (not number, value if number else 0, str(value))
+
+
+def _method_order(method: str):
+    methods = list(METHOD_NAMES)
+    return (methods.index(method) if method in methods else len(methods), method)
+
+
+def _variant_fields(records: list[dict], fields) -> dict[str, list[str]]:
+    """Per method, the variant settings whose value differs between its records."""
+    varying = {}
+    for method in {r["protocol"]["method"] for r in records}:
+        own = [r for r in records if r["protocol"]["method"] == method]
+        varying[method] = [f for f in fields if len({json.dumps(_get(r, VARIANTS[f])) for r in own}) > 1]
+    return varying
+
+
+def _method_key(record: dict, varying: dict[str, list[str]]) -> tuple:
+    """(method, ((setting, value), ...)) for the settings that vary among the method's records."""
+    method = record["protocol"]["method"]
+    return method, tuple((f, _get(record, VARIANTS[f])) for f in varying[method])
+
+
+def _row_label(method: str, variants: tuple) -> str:
+    if not variants:
+        return method_name(method)
+    return f"{method_name(method)} ({', '.join(f'{f}={_format_setting(v)}' for f, v in variants)})"
+
+
+def _format_setting(value) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def run_labels(records: list[dict]) -> dict[str, str]:
+    """run_id -> method name plus the variant settings that tell it apart from same-method runs of its structure."""
+    labels = {}
+    for structure in {r["protocol"]["structure"] for r in records}:
+        group = [r for r in records if r["protocol"]["structure"] == structure]
+        # figures name the shots of unstructured and N:M runs themselves
+        fields = VARIANTS if structure == "structured" else [f for f in VARIANTS if f != "shots"]
+        varying = _variant_fields(group, fields)
+        labels.update({r["run_id"]: _row_label(*_method_key(r, varying)) for r in group})
+    return labels
+
+
+def protocol_summary(records: list[dict]) -> str:
+    """One line: the calibration, evaluation, damping and quick settings behind a table (all values seen)."""
+    groups = []
+    for group, settings in SUMMARY.items():
+        parts = []
+        for label, path in settings:
+            values = sorted({json.dumps(_get(r["protocol"], path)) for r in records})
+            value = "/".join(_format_setting(json.loads(v)) for v in values)
+            parts.append(f"{label}={value}" if label else value)
+        groups.append(f"{group} {' '.join(parts)}")
+    return "; ".join(groups)
+
+
+def _cell(record: dict, ppl, shot, sparsity) -> dict | None:
+    if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
+        return None
+    return {"ppl": ppl, "run_id": record.get("run_id"), "shot": shot, "sparsity": sparsity}
+
+
+def structured_point(record: dict, size: float) -> dict | None:
+    """The point whose achieved size is `size` within half a shot's step, or None (never interpolated)."""
+    protocol = record["protocol"]
+    step = protocol["target"] / protocol["shots"]
+    # Capped by half the gap between table sizes, so a coarse run never answers for a size it skipped.
+    tolerance = min(step, 0.1) / 2 + 1e-9
+    wanted = 1.0 - size
+    near = [p for p in record.get("points", []) if p.get("sparsity") is not None
+            and abs(p["sparsity"] - wanted) <= tolerance]
+    return min(near, key=lambda p: abs(p["sparsity"] - wanted), default=None)
+
+
+def _table(title, row_header, records, sizes, row_of, cells_of) -> dict:
+    """Assemble one table: a dense row, then one row per method variant, columns models x sizes."""
+    models = list(dict.fromkeys(model_name(r) for r in records))
+    columns = [{"model": m, "size": s} for m in models for s in sizes]
+    table = {"title": title, "protocol": protocol_summary(records) if records else "",
+             "row_header": row_header, "columns": columns, "rows": []}
+    if not records:
+        return table
+    index = {(c["model"], c["size"]): i for i, c in enumerate(columns)}
+
+    dense = [None] * len(columns)
+    for model in models:
+        own = sorted((r for r in records if model_name(r) == model), key=_newness)
+        ppls = {r.get("dense_ppl") for r in own if r.get("dense_ppl") is not None}
+        if len(ppls) > 1 and max(ppls) - min(ppls) > 1e-6 * max(ppls):
+            warnings.warn(f"{title}: dense perplexities of {model} differ between records {sorted(ppls)}; "
+                          "showing the newest record's")
+        newest = next((r for r in reversed(own) if r.get("dense_ppl") is not None), None)
+        if newest is not None:
+            for size in sizes:
+                dense[index[model, size]] = _cell(newest, newest["dense_ppl"], 0, 0.0)
+    table["rows"].append({"label": [DENSE] + [""] * (len(row_header) - 1), "cells": dense})
+
+    rows, labels = {}, {}
+    for record in sorted(records, key=_newness):
+        key, label = row_of(record)
+        labels[key] = label
+        cells = rows.setdefault(key, [None] * len(columns))
+        for size, cell in cells_of(record):
+            i = index[model_name(record), size]
+            if cells[i] is not None and cell is not None:
+                warnings.warn(f"{title}: records {cells[i]['run_id']} and {cell['run_id']} fill the same cell "
+                              f"({' '.join(label)}, {model_name(record)}); showing the newer {cell['run_id']}")
+            if cell is not None:
+                cells[i] = cell
+    for key in sorted(rows, key=lambda k: (_method_order(k[0]), [_order(v) for _, v in k[1]], _order(k[2]))):
+        table["rows"].append({"label": labels[key], "cells": rows[key]})
+    return table
+
+
+def build_tables(records: list[dict]) -> dict:
+    """The three paper tables from (selected) records: {"structured", "unstructured", "semistructured"}."""
+    structured = [r for r in records if r["protocol"]["structure"] == "structured"]
+    at_final = [r for r in records if abs(r["protocol"]["target"] - FINAL_TARGET) < 1e-9]
+    unstructured = [r for r in at_final if r["protocol"]["structure"] == "unstructured"]
+    two_four = [r for r in at_final if r["protocol"]["structure"] == "semistructured"
+                and r["protocol"].get("n") == 2 and r["protocol"].get("m") == 4]
+
+    def rows_by(group, shots_column=False):
+        # with a shots column, the shots are part of the row rather than a variant in its label
+        varying = _variant_fields(group, [f for f in VARIANTS if not (shots_column and f == "shots")])
+
+        def row_of(record):
+            method, variants = _method_key(record, varying)
+            shots = record["protocol"]["shots"] if shots_column else None
+            label = [_row_label(method, variants)] + ([str(shots)] if shots_column else [])
+            return (method, variants, shots), label
+        return row_of
+
+    def final_cell(record):
+        return [(None, _cell(record, record.get("final_ppl"), record["protocol"]["shots"], record.get("sparsity")))]
+
+    def structured_cells(record):
+        for size in STRUCTURED_SIZES:
+            point = structured_point(record, size)
+            if point is None:
+                yield size, None
+            else:
+                yield size, _cell(record, point.get("ppl"), point.get("shot"), point.get("sparsity"))
+
+    return {
+        "structured": _table("Structured compression (Table 1): test perplexity by model size",
+                             ["Method"], structured, STRUCTURED_SIZES,
+                             rows_by(structured), structured_cells),
+        "unstructured": _table("Unstructured compression at 50% (Table 2): test perplexity",
+                               ["Method", "Shots"], unstructured, (None,),
+                               rows_by(unstructured, shots_column=True), final_cell),
+        "semistructured": _table("Semi-structured 2:4 compression (Table 3): test perplexity",
+                                 ["Method"], two_four, (None,),
+                                 rows_by(two_four), final_cell),
+    }
+
+
+def _value(cell: dict | None, missing: str) -> str:
+    return missing if cell is None else f"{cell['ppl']:.2f}"
+
+
+def _column_label(column: dict) -> str:
+    return column["model"] if column["size"] is None else f"{column['model']} {column['size']:.0%}"
+
+
+def to_markdown(tables: dict) -> str:
+    """The tables as Markdown: a heading, the protocol line, then the table."""
+    out = []
+    for table in tables.values():
+        out += [f"## {table['title']}", ""]
+        if not table["rows"]:
+            out += ["No complete records.", ""]
+            continue
+        out += [f"Protocol: {table['protocol']}", ""]
+        header = table["row_header"] + [_column_label(c) for c in table["columns"]]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join([" --- "] * len(table["row_header"]) + [" ---: "] * len(table["columns"])) + "|")
+        for row in table["rows"]:
+            out.append("| " + " | ".join(row["label"] + [_value(c, MISSING_MD) for c in row["cells"]]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _tex(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(char, char) for char in text)
+
+
+def to_latex(tables: dict) -> str:
+    """The tables as LaTeX (booktabs); the protocol line is the caption."""
+    out = ["% Generated by experiments.report from result records; needs \\usepackage{booktabs}.", ""]
+    for name, table in tables.items():
+        if not table["rows"]:
+            out += [f"% {table['title']}: no complete records.", ""]
+            continue
+        n_label, columns = len(table["row_header"]), table["columns"]
+        out += [r"\begin{table}[t]", r"\centering",
+                rf"\caption{{{_tex(table['title'])}. Protocol: {_tex(table['protocol'])}.}}",
+                rf"\label{{tab:{name}}}",
+                rf"\begin{{tabular}}{{{'l' * n_label}{'r' * len(columns)}}}", r"\toprule"]
+        if any(c["size"] is not None for c in columns):
+            models = list(dict.fromkeys(c["model"] for c in columns))
+            width = len(columns) // len(models)
+            out.append(" & ".join([""] * n_label + [rf"\multicolumn{{{width}}}{{c}}{{{_tex(m)}}}" for m in models])
+                       + r" \\")
+            out.append(" ".join(rf"\cmidrule(lr){{{n_label + 1 + i * width}-{n_label + (i + 1) * width}}}"
+                                for i in range(len(models))))
+            sizes = [_tex(f"{c['size']:.0%}") for c in columns]
+            out.append(" & ".join([_tex(h) for h in table["row_header"]] + sizes) + r" \\")
+        else:
+            out.append(" & ".join([_tex(h) for h in table["row_header"]] + [_tex(c["model"]) for c in columns])
+                       + r" \\")
+        out.append(r"\midrule")
+        for i, row in enumerate(table["rows"]):
+            cells = [_tex(label) for label in row["label"]] + [_value(c, MISSING_TEX) for c in row["cells"]]
+            out.append(" & ".join(cells) + r" \\")
+            if i == 0:
+                out.append(r"\midrule")  # the dense baseline stands apart
+        out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(out)

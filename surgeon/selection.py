@@ -1,0 +1,172 @@
+"""Choosing what to remove: one global threshold over all prunable layers (ALGORITHM.md section 4).
+
+Every function takes dicts keyed by layer name and returns boolean "removed" masks that
+contain the already-removed masks (masks are nested across shots). Already-removed
+structures cost 0 and stay removed; ties are broken by position (layer order in the dict,
+then row-major index), so results are deterministic. `uniform=True` applies the same
+rule to each layer separately at its own ratio (the `selection=uniform` ablation).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def removed_count_structured(R, Cw, n_rows, n_cols):
+    """Weights removed by n_rows rows and n_cols columns of an R x Cw matrix (section 4); elementwise on tensors."""
+    return n_rows * Cw + n_cols * R - n_rows * n_cols
+
+
+def _check_target(target: float, upper: float = 1.0) -> None:
+    if not 0.0 <= target <= upper:
+        raise ValueError(f"target must be a fraction in [0, {upper}], got {target!r}")
+
+
+def _check_masks(values: dict[str, Tensor], removed: dict[str, Tensor], what: str) -> None:
+    if set(values) != set(removed):
+        raise ValueError(f"{what} and removed masks must have the same layers; differing: "
+                         f"{sorted(set(values) ^ set(removed))}")
+    for name, value in values.items():
+        if removed[name].shape != value.shape or removed[name].dtype != torch.bool:
+            raise ValueError(f"layer '{name}': removed mask must be a bool tensor of shape "
+                             f"{tuple(value.shape)}, got {removed[name].dtype} {tuple(removed[name].shape)}")
+
+
+def _common_dtype(tensors) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+    """Removed masks plus the cheapest free entries, so that `count` entries are removed in all."""
+    device = next(iter(costs.values())).device
+    dtype = _common_dtype(costs.values())
+    free = [costs[name][~removed[name]].to(device, dtype) for name in costs]
+    n_free = [len(f) for f in free]
+    n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free)))
+    order = torch.sort(torch.cat(free), stable=True).indices
+    chosen = torch.zeros(sum(n_free), dtype=torch.bool, device=device)
+    chosen[order[:n_new]] = True
+    out = {}
+    for name, part in zip(costs, chosen.split(n_free)):
+        mask = removed[name].clone()
+        mask[~removed[name]] = part.to(mask.device)
+        out[name] = mask
+    return out
+
+
+def select_unstructured(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float,
+                        uniform: bool = False) -> dict[str, Tensor]:
+    """Remove the cheapest elements until round(target * total) are removed (section 4, unstructured)."""
+    _check_target(target)
+    _check_masks(costs, removed, "costs")
+    if uniform:
+        return {name: _remove_cheapest({name: c}, {name: removed[name]}, round(target * c.numel()))[name]
+                for name, c in costs.items()}
+    total = sum(c.numel() for c in costs.values())
+    return _remove_cheapest(costs, removed, round(target * total))
+
+
+def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float, n: int, m: int,
+              uniform: bool = False) -> dict[str, Tensor]:
+    """Select the cheapest target*m/(m-n) of m-blocks and remove m-n entries in each (section 4, N:M)."""
+    if not 0 <= n < m:
+        raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m}")
+    _check_target(target, (m - n) / m)
+    _check_masks(costs, removed, "costs")
+    k = m - n
+    block_costs, pruned, order = {}, {}, {}
+    for name, c in costs.items():
+        R, Cw = c.shape
+        if Cw % m:
+            raise ValueError(f"layer '{name}' has {Cw} inputs, not a multiple of m={m}; "
+                             f"N:M blocks must tile each row")
+        rem = removed[name].reshape(R, Cw // m, m)
+        if (rem.sum(-1) > k).any():
+            raise ValueError(f"layer '{name}' already has blocks with more than m-n={k} removed entries")
+        cost = c.reshape(R, Cw // m, m)
+        if not cost.is_floating_point():
+            cost = cost.double()
+        # Removed entries first, so a pruned block keeps them among its m-n.
+        order[name] = torch.sort(cost.masked_fill(rem, -math.inf), dim=-1, stable=True).indices[..., :k]
+        pruned[name] = rem.any(-1)
+        block_costs[name] = cost.gather(-1, order[name]).sum(-1)  # pruned blocks are forced, their cost unused
+    if uniform:
+        selected = {name: _remove_cheapest({name: b}, {name: pruned[name]}, round(target * costs[name].numel() / k))[name]
+                    for name, b in block_costs.items()}
+    else:
+        total = sum(c.numel() for c in costs.values())
+        selected = _remove_cheapest(block_costs, pruned, round(target * total / k))
+    out = {}
+    for name, c in costs.items():
+        mask = torch.zeros(*selected[name].shape, m, dtype=torch.bool, device=c.device)
+        mask.scatter_(-1, order[name], True)
+        out[name] = (mask & selected[name][..., None]).reshape(c.shape)
+    return out
+
+
+def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget: int):
+    """Largest prefix of the merged per-layer sorted row/column lists removing <= budget weights."""
+    device = next(iter(row_costs.values())).device
+    dtype = _common_dtype([*row_costs.values(), *col_costs.values()])
+    keys, deltas, ids, sizes = [], [], [], []
+    offset, n_forced = 0, 0
+    for name in row_costs:
+        R, Cw = len(row_costs[name]), len(col_costs[name])
+        # Already-removed structures sort first, so every prefix that keeps them also keeps the order.
+        key = torch.cat([row_costs[name].to(device, dtype).masked_fill(removed_rows[name].to(device), -math.inf),
+                         col_costs[name].to(device, dtype).masked_fill(removed_cols[name].to(device), -math.inf)])
+        key, order = torch.sort(key, stable=True)
+        is_row = order < R
+        n_rows, n_cols = is_row.cumsum(0), (~is_row).cumsum(0)
+        removed = removed_count_structured(R, Cw, n_rows, n_cols)
+        keys.append(key)
+        deltas.append(torch.diff(removed, prepend=removed.new_zeros(1)))
+        ids.append(order + offset)
+        sizes.append(R + Cw)
+        offset += R + Cw
+        n_forced += int(removed_rows[name].sum()) + int(removed_cols[name].sum())
+    order = torch.sort(torch.cat(keys), stable=True).indices
+    cumulative = torch.cat(deltas)[order].cumsum(0)
+    # Each item adds >= 0 weights, so the cumulative count is sorted and the prefix is a search.
+    length = max(n_forced, int(torch.searchsorted(cumulative, torch.tensor([budget], device=device), right=True)))
+    chosen = torch.zeros(offset, dtype=torch.bool, device=device)
+    chosen[torch.cat(ids)[order[:length]]] = True
+    rows, cols = {}, {}
+    for name, part in zip(row_costs, chosen.split(sizes)):
+        R = len(row_costs[name])
+        rows[name] = part[:R].to(removed_rows[name].device)
+        cols[name] = part[R:].to(removed_cols[name].device)
+    return rows, cols
+
+
+def select_structured(row_costs: dict[str, Tensor], col_costs: dict[str, Tensor],
+                      removed_rows: dict[str, Tensor], removed_cols: dict[str, Tensor], target: float,
+                      uniform: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Rows and columns in the largest prefix of the merged cost order within target * total (section 4)."""
+    _check_target(target)
+    _check_masks(row_costs, removed_rows, "row costs")
+    _check_masks(col_costs, removed_cols, "column costs")
+    if set(row_costs) != set(col_costs):
+        raise ValueError(f"row and column costs must have the same layers; differing: "
+                         f"{sorted(set(row_costs) ^ set(col_costs))}")
+
+    def budget(numel: int) -> int:
+        # Counts are integers; the epsilon keeps e.g. 0.29 * 100 = 28.999... from losing a weight.
+        return math.floor(target * numel + 1e-9)
+
+    if uniform:
+        rows, cols = {}, {}
+        for name in row_costs:
+            numel = len(row_costs[name]) * len(col_costs[name])
+            r, c = _structured_prefix({name: row_costs[name]}, {name: col_costs[name]},
+                                      {name: removed_rows[name]}, {name: removed_cols[name]}, budget(numel))
+            rows.update(r)
+            cols.update(c)
+        return rows, cols
+    total = sum(len(row_costs[name]) * len(col_costs[name]) for name in row_costs)
+    return _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget(total))

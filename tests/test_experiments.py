@@ -1,0 +1,182 @@
+"""Tables and figures from synthetic records with known perplexities (experiments/)."""
+import json
+
+import pytest
+
+from experiments import build_tables, load_records, to_latex, to_markdown
+from experiments.report import main
+from experiments.tables import select_records
+
+OPT_TYPES = {"q": (256, 256), "k": (256, 256), "v": (256, 256), "out": (256, 256), "fc1": (1024, 256),
+             "fc2": (256, 1024)}
+DENSE = {"opt-tiny": 122.62, "llama-tiny": 93.63}
+
+
+def layers(sparsity):
+    out = []
+    for block in range(4):
+        for i, (kind, shape) in enumerate(OPT_TYPES.items()):
+            # uneven allocation across depth and type, mean = sparsity
+            spread = 0.1 * ((block - 1.5) / 1.5) * (1 if i % 2 else -1)
+            out.append({"name": f"model.decoder.layers.{block}.{kind}", "type": kind, "block": block,
+                        "shape": list(shape), "sparsity": sparsity + spread * sparsity})
+    return out
+
+
+def record(run_id, *, model="opt-tiny", method="surgeon", structure="structured", shots=40, target=0.5,
+           ppl=lambda shot: 100.0 + shot, finished="2026-11-29T07:00:00Z", status="complete", rank=1, n=2, m=4,
+           ppl_at=None):
+    """A record of a linear-schedule run; ppl(shot) is the perplexity, only at `ppl_at` shots if given."""
+    points = []
+    for shot in range(1, shots + 1):
+        goal = target * shot / shots
+        achieved = goal + 3e-5  # within one structure of the target
+        evaluated = ppl_at is None or shot in ppl_at or shot == shots
+        points.append({"shot": shot, "target": goal, "sparsity": achieved,
+                       "ppl": ppl(shot) if evaluated else None,
+                       "seconds": {"curvature": 3.1, "costs": 0.2, "update": 1.0, "lora": 0.0, "eval": 2.0},
+                       "peak_memory_mb": 812.0, "layer_sparsity": [l["sparsity"] for l in layers(achieved)]})
+    return {
+        "run_id": run_id, "status": status, "started": "2026-11-29T06:00:00Z", "finished": finished,
+        "resumed_from_shot": None, "config": {},
+        "protocol": {"model": f"/work/shared/models/{model}-wt2", "model_preset": model, "revision": None,
+                     "method": method, "structure": structure, "n": n, "m": m, "target": target, "shots": shots,
+                     "schedule": "linear", "rank": rank, "correlation": "layer", "selection": "global",
+                     "damping_a": 0.01, "damping_g": 0.1, "fisher": "empirical", "lora": False,
+                     "calib": {"source": "testbed", "n": 128, "seq_len": 256, "seed": 100},
+                     "eval": {"dataset": "testbed", "split": "test", "seq_len": 256, "max_windows": None},
+                     "quick": False, "device": "cpu", "dtype": "float32"},
+        "dense_ppl": DENSE[model], "final_ppl": points[-1]["ppl"], "sparsity": points[-1]["sparsity"],
+        "points": points, "layers": layers(points[-1]["sparsity"]), "lm_eval": None,
+        "versions": {"torch": "2", "transformers": "5", "surgeon": "0.1.0", "python": "3.11"},
+        "git_commit": "abc123", "model_dir": None,
+    }
+
+
+RECORDS = [
+    # structured, 40 shots to 50%, perplexity evaluated every 8 shots, except a lost evaluation at shot 24 (70%)
+    record("s-surgeon", ppl_at={8, 16, 32}),
+    record("s-surgeon-rk2", rank=2, ppl=lambda shot: 90.0 + shot, ppl_at={8, 16, 24, 32}),
+    # one shot straight to 50%: only the 50% column may be filled
+    record("s-magnitude", method="magnitude", shots=1, ppl=lambda shot: 900.0),
+    record("s-kobd-llama", model="llama-tiny", method="kobd", ppl=lambda shot: 50.0 + 2 * shot, ppl_at={8, 16, 24, 32}),
+    # unstructured at 50%: surgeon 5 and 40 shots, SparseGPT in one shot, on OPT only
+    record("u-surgeon-5", structure="unstructured", shots=5, ppl=lambda shot: 130.0),
+    record("u-surgeon-40", structure="unstructured", shots=40, ppl=lambda shot: 128.0),
+    record("u-sparsegpt", method="sparsegpt", structure="unstructured", shots=1, ppl=lambda shot: 135.0),
+    record("u-surgeon-5-llama", model="llama-tiny", structure="unstructured", shots=5, ppl=lambda shot: 99.0),
+    # unstructured at another target belongs to no table
+    record("u-surgeon-60", structure="unstructured", shots=5, target=0.6, ppl=lambda shot: 400.0),
+    # 2:4
+    record("nm-surgeon", structure="semistructured", shots=5, ppl=lambda shot: 150.0),
+    record("nm-wanda", method="wanda", structure="semistructured", shots=1, ppl=lambda shot: 170.0),
+    record("nm-wanda-llama", model="llama-tiny", method="wanda", structure="semistructured", shots=1,
+           ppl=lambda shot: 120.0),
+    # 1:4 is not the 2:4 table
+    record("nm-1-4", structure="semistructured", shots=5, n=1, m=4, target=0.75, ppl=lambda shot: 999.0),
+]
+
+
+def md_table(markdown: str, heading: str) -> dict:
+    """{"header": [...], label: [cells]} of the Markdown table under the heading that starts with `heading`."""
+    section = markdown.split(f"## {heading}")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    header, body = rows[0], rows[2:]
+    n_label = 2 if header[1] == "Shots" else 1
+    return {"header": header[n_label:], **{" / ".join(r[:n_label]): r[n_label:] for r in body}}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return build_tables(select_records(RECORDS))
+
+
+def test_structured_table_reads_sizes_off_the_multishot_run(tables):
+    t = md_table(to_markdown(tables), "Structured")
+    sizes = ["90%", "80%", "70%", "60%", "50%"]
+    assert t["header"] == [f"opt-tiny {s}" for s in sizes] + [f"llama-tiny {s}" for s in sizes]
+    assert list(t)[1] == "Dense (100%)"  # the dense baseline comes first
+    assert t["Dense (100%)"] == ["122.62"] * 5 + ["93.63"] * 5
+    # shots 8/16/24/32/40 of 40 are sizes 90..50%; shot 24's evaluation is missing
+    assert t["LLM Surgeon (rank=1)"] == ["108.00", "116.00", "—", "132.00", "140.00"] + ["—"] * 5
+    assert t["LLM Surgeon (rank=2)"] == ["98.00", "106.00", "114.00", "122.00", "130.00"] + ["—"] * 5
+    assert t["Magnitude"] == ["—", "—", "—", "—", "900.00"] + ["—"] * 5
+    assert t["K-OBD"] == ["—"] * 5 + ["66.00", "82.00", "98.00", "114.00", "130.00"]
+    assert list(t)[1:] == ["Dense (100%)", "Magnitude", "K-OBD", "LLM Surgeon (rank=1)", "LLM Surgeon (rank=2)"]
+
+
+def test_unstructured_and_two_four_tables(tables):
+    markdown = to_markdown(tables)
+    u = md_table(markdown, "Unstructured")
+    assert u["header"] == ["opt-tiny", "llama-tiny"]
+    assert u["Dense (100%) / "] == ["122.62", "93.63"]
+    assert u["LLM Surgeon / 5"] == ["130.00", "99.00"]
+    assert u["LLM Surgeon / 40"] == ["128.00", "—"]
+    assert u["SparseGPT / 1"] == ["135.00", "—"]
+    assert "400.00" not in markdown and "999.00" not in markdown  # other targets, 1:4
+    nm = md_table(markdown, "Semi-structured 2:4")
+    assert nm["Wanda"] == ["170.00", "120.00"]
+    assert nm["LLM Surgeon"] == ["150.00", "—"]
+    assert "Protocol: calib testbed n=128 seq_len=256 seed=100; eval testbed test seq_len=256 max_windows=all; " \
+           "damping lambda_A=0.01 lambda_G=0.1; quick false" in markdown
+
+
+def test_latex_table(tables):
+    latex = to_latex(tables)
+    assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == 3
+    assert r"\multicolumn{5}{c}{opt-tiny} & \multicolumn{5}{c}{llama-tiny} \\" in latex
+    assert r"LLM Surgeon (rank=1) & 108.00 & 116.00 & -- & 132.00 & 140.00 & -- & -- & -- & -- & -- \\" in latex
+    assert r"SparseGPT & 1 & 135.00 & -- \\" in latex
+    assert r"max\_windows=all" in latex
+
+
+def test_newest_complete_record_wins(tmp_path):
+    old = record("old", structure="unstructured", shots=5, ppl=lambda shot: 111.0, finished="2026-11-29T07:00:00Z")
+    new = record("new", structure="unstructured", shots=5, ppl=lambda shot: 122.0, finished="2026-11-29T08:00:00Z")
+    failed = record("failed", structure="unstructured", shots=5, ppl=lambda shot: 133.0,
+                    finished="2026-11-29T09:00:00Z", status="failed")
+    other = record("other", structure="unstructured", shots=10, ppl=lambda shot: 144.0)
+    # the newer record sits in the earlier file: order must not decide, time does
+    records = load_records([write_jsonl(tmp_path / "a.jsonl", [new, failed]),
+                            write_jsonl(tmp_path / "b.jsonl", [old, other])])
+    assert sorted(r["run_id"] for r in records) == ["new", "other"]
+    u = md_table(to_markdown(build_tables(records)), "Unstructured")
+    assert u["LLM Surgeon / 5"] == ["122.00"]
+    assert u["LLM Surgeon / 10"] == ["144.00"]
+
+
+def test_records_that_share_a_cell_warn_and_the_newest_shows():
+    full = record("full", structure="semistructured", shots=5, ppl=lambda shot: 150.0)
+    capped = record("capped", structure="semistructured", shots=5, ppl=lambda shot: 160.0,
+                    finished="2026-11-29T08:00:00Z")
+    capped["protocol"]["eval"]["max_windows"] = 8  # another protocol, so both records are kept
+    capped["dense_ppl"] = 125.0
+    with pytest.warns(UserWarning) as caught:
+        tables = build_tables(select_records([capped, full]))
+    messages = " ".join(str(w.message) for w in caught)
+    assert "records full and capped fill the same cell" in messages and "dense perplexities" in messages
+    markdown = to_markdown(tables)
+    nm = md_table(markdown, "Semi-structured 2:4")
+    assert nm["LLM Surgeon"] == ["160.00"] and nm["Dense (100%)"] == ["125.00"]
+    assert "max_windows=8/all" in markdown
+
+
+def test_report_writes_tables_and_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = write_jsonl(tmp_path / "records.jsonl", RECORDS)
+    main(["--records", str(path), "--out", str(tmp_path / "reports")])
+    out = tmp_path / "reports"
+    raw = json.loads((out / "tables.json").read_text())
+    surgeon = next(r for r in raw["structured"]["rows"] if r["label"] == ["LLM Surgeon (rank=1)"])
+    assert surgeon["cells"][2] is None
+    assert surgeon["cells"][0] == {"ppl": 108.0, "run_id": "s-surgeon", "shot": 8, "sparsity": pytest.approx(0.1, abs=1e-4)}
+    assert (out / "tables.md").read_text().startswith("## Structured")
+    assert r"\begin{tabular}" in (out / "tables.tex").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["allocation_s-surgeon-rk2.png", "allocation_s-surgeon.png", "ppl_vs_size.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / p).stat().st_size > 5000 for p in pngs)
