@@ -1,0 +1,299 @@
+"""Curvature estimation (ALGORITHM.md section 2): per-layer Kronecker factors F ~ G (x) A.
+
+Hooks on every prunable Linear collect, per token, the layer input a (with a trailing 1
+when the Linear has a bias) and the output gradient g, as batched matmuls over the
+(B*T, width) activations. Parameters are frozen during the passes and the gradient is
+taken w.r.t. the embedding output, so no weight gradient is ever computed or stored.
+At rank 2 the second Kronecker term of (per-token Fisher - G (x) A) is found by
+alternating power iteration, one pass over the batches per half-step, never forming F.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from surgeon.adapters import PrunableLayer
+
+FISHERS = ("empirical", "sampled")
+KINDS = ("kfac", "diag_a", "identity")
+RANKS = (1, 2)
+
+
+@dataclass
+class Factors:
+    """One layer's undamped curvature F ~ G (x) A [+ G2 (x) A2], vec(W) row-major (section 2)."""
+
+    A: Tensor  # (C, C) inputs; bias folded in as a trailing constant-1 input
+    G: Tensor  # (R, R) output gradients
+    A2: Tensor | None = None  # rank-2 second term: symmetric, generally indefinite
+    G2: Tensor | None = None
+
+
+def sequence_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Sum over sequences of each sequence's mean next-token cross-entropy (section 2's L).
+
+    `labels` follows the transformers convention (same shape as `input_ids`, shifted
+    inside); by default the true next tokens.
+    """
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    targets = (input_ids if labels is None else labels)[:, 1:]
+    return _next_token_loss(logits, targets)
+
+
+def _next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum over sequences of the mean CE of logits[:, :-1] against targets (B, T-1)."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    return ce.mean(dim=1).sum()
+
+
+def with_bias_input(X: Tensor, bias: bool) -> Tensor:
+    """Rows are per-token inputs a; append the constant-1 input of the bias (section 1)."""
+    if not bias:
+        return X
+    return torch.cat([X, X.new_ones(X.shape[0], 1)], dim=1)
+
+
+def residual_half_step(S: Tensor, n: int, X_other: Tensor, K_other: Tensor, K: Tensor) -> Tensor:
+    """One alternating power-iteration half-step on the residual Fisher (section 2, RK=2).
+
+    With S = sum_t (b_t^T X_other b_t) c_t c_t^T over n tokens (b, c the per-token vectors on
+    the other side and on this side) this is (F - K (x) K_other) applied to X_other:
+    S/n - <K_other, X_other> K, symmetrised against rounding.
+    """
+    M = S / n - torch.sum(K_other * X_other) * K
+    return (M + M.T) / 2
+
+
+class _LayerStats:
+    """One layer's accumulators, filled by its hooks during a pass over the batches."""
+
+    def __init__(self, layer: PrunableLayer, dtype: torch.dtype):
+        self.layer = layer
+        self.dtype = dtype
+        self.bias = layer.module.bias is not None
+        self.n = 0  # tokens seen in the current pass
+        self.A: Tensor | None = None
+        self.G: Tensor | None = None
+        self.A2: Tensor | None = None
+        self.G2: Tensor | None = None
+        self.S: Tensor | None = None  # running half-step sum_t (b_t^T X b_t) c_t c_t^T
+
+    def _add(self, name: str, value: Tensor) -> None:
+        current = getattr(self, name)
+        setattr(self, name, value if current is None else current + value)
+
+    def forward_hook(self, mode: str):
+        """Hook for one pass. mode: 'diag' (diag of A only), 'kfac' (A, G), 'kfac+g2' (A, G
+        and the G2 half-step from A2), 'g2' or 'a2' (one rank-2 half-step)."""
+
+        def hook(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            X = inputs[0].detach().reshape(-1, module.in_features).to(self.dtype)
+            X = with_bias_input(X, self.bias)
+            self.n += X.shape[0]
+            if mode == "diag":
+                self._add("A", (X * X).sum(dim=0))
+                return
+            if mode.startswith("kfac"):
+                self._add("A", X.T @ X)
+            if mode.endswith("g2"):
+                output.register_hook(self._g_hook(mode, ((X @ self.A2) * X).sum(dim=1, keepdim=True)))
+            elif mode == "a2":
+                output.register_hook(self._a2_hook(X))
+            else:
+                output.register_hook(self._g_hook(mode, None))
+
+        return hook
+
+    def _g_hook(self, mode: str, w: Tensor | None):
+        """Backward hook: G and/or the G2 half-step, whose token weights w = a^T A2 a came from the forward."""
+
+        def hook(grad: Tensor) -> None:
+            Y = grad.detach().reshape(-1, self.layer.module.out_features).to(self.dtype)
+            if mode.startswith("kfac"):
+                self._add("G", Y.T @ Y)
+            if w is not None:
+                self._add("S", Y.T @ (w * Y))
+
+        return hook
+
+    def _a2_hook(self, X: Tensor):
+        """Backward hook of the A2 half-step: token weights g^T G2 g on the forward's inputs X."""
+
+        def hook(grad: Tensor) -> None:
+            Y = grad.detach().reshape(-1, self.layer.module.out_features).to(self.dtype)
+            self._add("S", X.T @ (((Y @ self.G2) * Y).sum(dim=1, keepdim=True) * X))
+
+        return hook
+
+
+def estimate_curvature(
+    model: nn.Module,
+    layers: list[PrunableLayer],
+    batches: list[Tensor],
+    *,
+    fisher: str = "empirical",
+    rank: int = 1,
+    kind: str = "kfac",
+    rank2_iters: int = 3,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Factors]:
+    """KFAC factors of every layer from one forward+backward per batch (section 2; RK=2 term).
+
+    L = sum over the sequences of a batch of each sequence's mean next-token CE, so each
+    sequence's gradient is its own; A = sum a a^T / (N*T), G = sum g g^T / (N*T) over all
+    N sequences and T tokens. fisher: "empirical" (true next tokens) or "sampled" (labels
+    drawn from the model's predictive distribution, seeded by `seed`). kind: "kfac";
+    "diag_a" (L-OBD: diag(A) over all sequences, G = I; forward passes only); "identity"
+    (magnitude: A = I, G = I, no pass). rank=2 adds (G2, A2), the leading Kronecker term of
+    the residual per-token Fisher, by alternating power iteration: the first G2 half-step,
+    from a seeded random symmetric A2, rides along the KFAC pass, then `rank2_iters` more
+    passes over `batches` each make one half-step (A2, G2, A2, ...). Factors are float64 for a float64 model,
+    float32 otherwise, on the model's device. The model's requires_grad flags and
+    train/eval mode are restored and all hooks removed on exit.
+    """
+    if rank not in RANKS:
+        raise ValueError(f"curvature.rank={rank} is not supported; valid values: {list(RANKS)}")
+    if kind not in KINDS:
+        raise ValueError(f"curvature.kind='{kind}' is not supported; valid values: {list(KINDS)}")
+    if fisher not in FISHERS:
+        raise ValueError(f"curvature.fisher='{fisher}' is not supported; valid values: {list(FISHERS)}")
+    if rank == 2 and kind != "kfac":
+        raise ValueError(f"curvature.rank=2 needs curvature.kind='kfac', got '{kind}'")
+    if rank2_iters < 1:
+        raise ValueError(f"curvature.rank2_iters={rank2_iters} must be >= 1")
+    if not batches and kind != "identity":
+        raise ValueError("estimate_curvature needs at least one calibration batch")
+
+    param = next(model.parameters())
+    device = param.device
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    stats = {layer.name: _LayerStats(layer, dtype) for layer in layers}
+
+    if kind == "identity":
+        return {
+            s.layer.name: Factors(
+                A=torch.eye(s.layer.module.in_features + s.bias, dtype=dtype, device=device),
+                G=torch.eye(s.layer.module.out_features, dtype=dtype, device=device),
+            )
+            for s in stats.values()
+        }
+
+    if kind == "diag_a":
+        _run_pass(model, stats, batches, "diag", fisher, seed, device, progress)
+        return {
+            name: Factors(A=torch.diag(s.A / s.n), G=torch.eye(s.layer.module.out_features, dtype=dtype, device=device))
+            for name, s in stats.items()
+        }
+
+    if rank == 2:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for s in stats.values():
+            C = s.layer.module.in_features + s.bias
+            X = torch.randn(C, C, generator=generator, device=device, dtype=dtype)
+            s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
+    _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress)
+    for s in stats.values():
+        s.A, s.G = s.A / s.n, s.G / s.n
+    if rank == 2:
+        _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters)
+    return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2) for name, s in stats.items()}
+
+
+def _rank2_iterations(
+    model: nn.Module,
+    stats: dict[str, _LayerStats],
+    batches: list[Tensor],
+    fisher: str,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+    rank2_iters: int,
+) -> None:
+    """Half-steps G2 <- R(A2) (accumulated in the KFAC pass), A2 <- R^T(G2), G2 <- R(A2), ...
+
+    Iterates keep unit norm; the last half-step is the best factor given the other
+    (unit) one, and its norm is split so that both end with equal Frobenius norms.
+    """
+    side = "g2"
+    for step in range(rank2_iters + 1):
+        for s in stats.values():
+            if side == "g2":
+                s.G2 = residual_half_step(s.S, s.n, s.A2, s.A, s.G)
+                s.G2, s.A2 = _normalise(s.G2, s.A2, last=step == rank2_iters)
+            else:
+                s.A2 = residual_half_step(s.S, s.n, s.G2, s.G, s.A)
+                s.A2, s.G2 = _normalise(s.A2, s.G2, last=step == rank2_iters)
+            s.S = None
+        if step == rank2_iters:
+            return
+        side = "a2" if side == "g2" else "g2"
+        _run_pass(model, stats, batches, side, fisher, seed, device, progress)
+
+
+def _normalise(M: Tensor, other: Tensor, last: bool) -> tuple[Tensor, Tensor]:
+    """Unit-norm iterate; after the last half-step M (x) other is kept and split to equal norms."""
+    norm = torch.linalg.matrix_norm(M)
+    if not last:
+        return M / norm, other
+    return M / norm.sqrt(), other * norm.sqrt()
+
+
+def _run_pass(
+    model: nn.Module,
+    stats: dict[str, _LayerStats],
+    batches: list[Tensor],
+    mode: str,
+    fisher: str,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """One forward (+ backward unless mode == 'diag') per batch with every layer's hook in `mode`."""
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    handles = []
+    leaves: list[Tensor] = []
+
+    def embedding_leaf(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        leaves.append(output.detach().requires_grad_(True))
+        return leaves[-1]
+
+    try:
+        model.eval()  # dropout off: the curvature of the deterministic model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for s in stats.values():
+            s.n = 0
+            handles.append(s.layer.module.register_forward_hook(s.forward_hook(mode)))
+        if mode != "diag":
+            # parameters are frozen and gradients start at the embedding output, so the
+            # backward reaches every layer output without computing any weight gradient
+            handles.append(model.get_input_embeddings().register_forward_hook(embedding_leaf))
+        # re-seeded every pass: every rank-2 pass must see the same sampled labels
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for input_ids in tqdm(batches, desc=f"curvature ({mode})", disable=not progress):
+            input_ids = input_ids.to(device)
+            if mode == "diag":
+                with torch.no_grad():
+                    model(input_ids=input_ids, use_cache=False)
+                continue
+            leaves.clear()
+            logits = model(input_ids=input_ids, use_cache=False).logits
+            targets = input_ids[:, 1:]
+            if fisher == "sampled":
+                scores = logits[:, :-1].detach().to(torch.promote_types(logits.dtype, torch.float32))
+                probs = torch.softmax(scores, dim=-1).reshape(-1, logits.shape[-1])
+                targets = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)
+            torch.autograd.grad(_next_token_loss(logits, targets), leaves)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)

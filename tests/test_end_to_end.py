@@ -1,0 +1,169 @@
+"""The real pipeline on the testbed models at small settings: records carry the right values."""
+import json
+
+import pytest
+import torch
+
+from conftest import ROOT, compose
+from surgeon import runner
+
+SMALL = ["calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128"]
+
+
+def run(tmp_path, *overrides, name="run"):
+    cfg = compose([*SMALL, f"results={tmp_path}/records.jsonl", *overrides])
+    return runner.run(cfg, tmp_path / name)
+
+
+def zeros_of_saved_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.adapters import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return adapter_for(model.config.model_type).layers(model)
+
+
+def check_record(record, target, shots, n_layers, tol):
+    assert record["status"] == "complete"
+    assert len(record["layers"]) == n_layers
+    assert [p["shot"] for p in record["points"]] == list(range(1, shots + 1))
+    assert abs(record["sparsity"] - target) <= tol
+    for p in record["points"]:
+        assert abs(p["sparsity"] - p["target"]) <= tol
+        assert set(p["seconds"]) >= {"curvature", "costs", "update", "eval"}
+    # removed weights stay removed: per-layer sparsity never decreases across shots
+    for a, b in zip(record["points"], record["points"][1:]):
+        assert all(y >= x for x, y in zip(a["layer_sparsity"], b["layer_sparsity"]))
+    assert record["dense_ppl"] > 1 and record["final_ppl"] > 1
+    assert record["final_ppl"] == record["points"][-1]["ppl"]
+
+
+@pytest.mark.parametrize("method", ["surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda"])
+def test_each_method_unstructured_opt(method, tmp_path, shared):
+    shots = 1 if method in ("sparsegpt", "wanda") else 2
+    record = run(tmp_path, "model=opt-tiny", f"method={method}", "structure=unstructured", "target=0.5",
+                 f"shots={shots}")
+    # one weight of the 3.1M prunable ones is the unstructured granularity
+    check_record(record, 0.5, shots, n_layers=24, tol=1e-5)
+    assert record["protocol"]["method"] == method
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["run_id"] == record["run_id"]
+
+
+@pytest.mark.parametrize("method", ["surgeon", "kobd", "magnitude"])
+def test_structured_llama_saved_model_matches_record(method, tmp_path, shared):
+    record = run(tmp_path, "model=llama-tiny", f"method={method}", "structure=structured", "target=0.3", "shots=2",
+                 "save_model=true")
+    # within one structure: the largest row or column of any layer is 688 weights of 2.2M
+    check_record(record, 0.3, 2, n_layers=28, tol=688 / record["protocol"]["prunable_params"] + 1e-9)
+    layers = zeros_of_saved_model(record["model_dir"])
+    zeros = sum((l.module.weight == 0).sum().item() for l in layers)
+    total = sum(l.module.weight.numel() for l in layers)
+    assert zeros / total == pytest.approx(record["sparsity"], abs=1e-12)
+    for layer, entry in zip(layers, record["layers"]):
+        W = layer.module.weight
+        assert entry["sparsity"] == pytest.approx((W == 0).float().mean().item(), abs=1e-12)
+        # structured: zeros form whole rows and columns
+        rows, cols = (W == 0).all(1), (W == 0).all(0)
+        assert torch.equal(W == 0, rows[:, None] | cols[None, :])
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "opt-tiny"])
+def test_semistructured_2_4_is_exact_after_reload(model, tmp_path, shared):
+    record = run(tmp_path, f"model={model}", "structure=semistructured", "shots=2", "save_model=true")
+    check_record(record, 0.5, 2, n_layers=28 if model == "llama-tiny" else 24, tol=1e-6)
+    for layer in zeros_of_saved_model(record["model_dir"]):
+        W = layer.module.weight
+        nonzeros = (W != 0).view(W.shape[0], -1, 4).sum(-1)
+        assert nonzeros.max().item() <= 2
+
+
+@pytest.mark.parametrize("overrides", [
+    ["curvature.rank=2", "curvature.rank2_iters=2"],
+    ["correlation=independent"],
+    ["selection=uniform"],
+    ["schedule=exponential"],
+    ["schedule=cubic"],
+    ["structure=structured", "target=0.3", "union=additive"],
+    ["curvature.fisher=sampled"],
+])
+def test_variants_run_end_to_end(overrides, tmp_path, shared):
+    base = ["model=opt-tiny", "structure=unstructured", "target=0.5", "shots=2"]
+    record = run(tmp_path, *base, *overrides)
+    target = record["protocol"]["target"]
+    tol = 256 * 1024 / record["protocol"]["prunable_params"] if "structure=structured" in overrides else 1e-5
+    check_record(record, target, 2, n_layers=24, tol=tol)
+    if "selection=uniform" in overrides:
+        assert all(abs(l["sparsity"] - 0.5) < 1e-4 for l in record["layers"])
+
+
+def test_lora_drops_calibration_loss_and_keeps_zeros(tmp_path, shared):
+    record = run(tmp_path, "model=llama-tiny", "structure=unstructured", "target=0.5", "shots=2", "lora.enabled=true",
+                 "lora.steps=4", "lora.lr=1e-3", "save_model=true")
+    check_record(record, 0.5, 2, n_layers=28, tol=1e-5)
+    for p in record["points"]:
+        assert p["lora"]["loss_after"] < p["lora"]["loss_before"]
+    layers = zeros_of_saved_model(record["model_dir"])
+    zeros = sum((l.module.weight == 0).sum().item() for l in layers)
+    assert zeros / sum(l.module.weight.numel() for l in layers) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_resume_continues_from_last_finished_shot(tmp_path, shared, monkeypatch):
+    args = ["model=opt-tiny", "structure=unstructured", "target=0.6", "shots=6", "eval.every=3"]
+    full = run(tmp_path, *args, name="full")
+
+    calls = []
+    real_shot = runner.prune_shot
+
+    def crash_at_shot_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed after shot 3")
+        return real_shot(*a, **k)
+
+    monkeypatch.setattr(runner, "prune_shot", crash_at_shot_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, *args, name="interrupted")
+    crashed = json.loads((tmp_path / "interrupted" / "record.json").read_text())
+    assert crashed["status"] == "failed" and len(crashed["points"]) == 3
+
+    calls.clear()
+    calls.extend([1] * 10)  # never crash again; count the shots the resumed run computes
+    resumed = run(tmp_path, *args, "resume=true", name="interrupted")
+    assert len(calls) - 10 == 3  # shots 4-6 only
+    assert resumed["status"] == "complete" and resumed["resumed_from_shot"] == 3
+    assert resumed["run_id"] == crashed["run_id"]
+    assert [p["shot"] for p in resumed["points"]] == [1, 2, 3, 4, 5, 6]
+    assert abs(resumed["final_ppl"] - full["final_ppl"]) / full["final_ppl"] < 1e-4
+
+
+def test_resume_refuses_different_settings(tmp_path, shared):
+    run(tmp_path, "model=opt-tiny", "structure=unstructured", "target=0.5", "shots=1")
+    from surgeon.config import ConfigError
+
+    with pytest.raises(ConfigError, match="target"):
+        run(tmp_path, "model=opt-tiny", "structure=unstructured", "target=0.6", "shots=1", "resume=true")
+
+
+def test_wandb_offline_run_holds_the_per_layer_table(tmp_path, shared, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    record = run(tmp_path, "model=opt-tiny", "structure=structured", "target=0.3", "shots=2", "logger=wandb",
+                 "eval.every=1")
+    assert record["status"] == "complete"
+    tables = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
+    assert tables, "no W&B table written"
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 24
+    assert {row[table["columns"].index("name")] for row in table["data"]} == {l["name"] for l in record["layers"]}
+
+
+def test_lm_eval_on_pruned_model(tmp_path, shared):
+    tasks = ROOT / "tests" / "lm_eval_tasks"
+    record = run(tmp_path, "model=opt-tiny", "structure=unstructured", "target=0.5", "shots=1",
+                 "eval.lm_eval.tasks=[wikitext_mc]", f"eval.lm_eval.include_path={tasks}", "eval.lm_eval.limit=8",
+                 "eval.lm_eval.dense=true")
+    task = record["lm_eval"]["tasks"]["wikitext_mc"]
+    assert 0 <= task["value"] <= 1 and task["metric"] in ("acc", "acc_norm")
+    assert record["lm_eval"]["dense"]["tasks"]["wikitext_mc"]["value"] >= 0
+    assert record["lm_eval"]["version"]
