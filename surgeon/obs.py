@@ -1,0 +1,324 @@
+"""Optimal Brain Surgeon costs and updates under a Kronecker-factored Fisher.
+
+ALGORITHM.md sections 2 and 3. A layer's W is (R, C), vec(W) row-major, F ~ G (x) A
+(RK=1) or G1 (x) A1 + G2 (x) A2 (RK=2). With a bias, the last column of W is the bias:
+it is never removed on its own, and a removed row takes it along. All work happens on
+the live sub-factors; dead rows and columns cost 0 and are never updated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+UPDATE_MODES = ("union", "additive", "independent")
+
+
+def damp(M: Tensor, lam: float) -> Tensor:
+    """M + lam * mean(diag M) * I (section 2, damping)."""
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return M + lam * M.diagonal().mean() * eye
+
+
+def _cholesky(M: Tensor, what: str) -> Tensor:
+    """float64 lower Cholesky factor of M, or a ValueError naming `what`."""
+    L, info = torch.linalg.cholesky_ex(M.double())
+    if info != 0 or not torch.isfinite(L.diagonal()).all():  # a NaN anywhere reaches the diagonal
+        raise ValueError(
+            f"{what} is not positive definite: curvature factors must be finite, symmetric and "
+            "positive semi-definite (raise curvature.damping_a / curvature.damping_g if they are "
+            "near-singular)"
+        )
+    return L
+
+
+def congruence(M1: Tensor, M2: Tensor | None, what: str) -> tuple[Tensor, Tensor | None]:
+    """float64 K, s with K^T M1 K = I and K^T M2 K = diag(s); K = L^-T, s = None without M2 (section 2)."""
+    L = _cholesky(M1, what)
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+    if M2 is None:
+        return L_inv.T, None
+    C = L_inv @ M2.double() @ L_inv.T
+    s, E = torch.linalg.eigh((C + C.T) / 2)
+    return L_inv.T @ E, s
+
+
+def shrink_factor(sigma: Tensor, tau: Tensor, eps: float) -> float:
+    """Largest beta <= 1 with min_ij 1 + beta sigma_i tau_j >= eps (section 2, damping at RK=2)."""
+    if sigma.numel() == 0 or tau.numel() == 0:
+        return 1.0
+    ends = torch.stack([sigma.min(), sigma.max()])[:, None] * torch.stack([tau.min(), tau.max()])
+    m = ends.min().item()
+    return 1.0 if 1 + m >= eps else (1 - eps) / -m
+
+
+def _sub(M: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """The principal sub-block M[idx, idx]."""
+    return M[idx][:, idx].to(dtype)
+
+
+def _check_factor(M: Tensor, name: str) -> None:
+    if not torch.isfinite(M).all():
+        raise ValueError(f"curvature factor {name} must be finite (NaN or inf found)")
+    tol = torch.finfo(M.dtype).eps ** 0.5 * M.abs().max().clamp_min(1e-30)
+    if (M - M.T).abs().max() > tol:
+        raise ValueError(f"curvature factor {name} must be symmetric")
+
+
+class LayerOBS:
+    """OBS costs and updates of one layer under its damped KFAC (section 3)."""
+
+    def __init__(self, W, A, G, *, damping_a, damping_g, has_bias, A2=None, G2=None,
+                 rank2_eps=1e-6, undamped_numerators=False):
+        """W (R,C) current weights (bias column last if has_bias); A (C,C), G (R,R) UNDAMPED factors;
+        A2, G2 the RK=2 second term (symmetric, possibly indefinite). Damps and inverts the live
+        sub-factors (section 2); for RK=2 builds the congruence basis K_G, K_A, S, shrinking term 2
+        by self.beta < 1 if needed so that min S >= rank2_eps (self.beta = 1.0 when not shrunk)."""
+        R, C = W.shape
+        if A.shape != (C, C) or G.shape != (R, R):
+            raise ValueError(f"W is {R}x{C}: A must be {C}x{C} and G {R}x{R}, "
+                             f"got {tuple(A.shape)} and {tuple(G.shape)}")
+        if (A2 is None) != (G2 is None):
+            raise ValueError("Kronecker rank 2 needs both A2 and G2")
+        if A2 is not None and (A2.shape != A.shape or G2.shape != G.shape):
+            raise ValueError("A2, G2 must have the shapes of A, G")
+        if A2 is not None and undamped_numerators:
+            raise ValueError("undamped_numerators is the official RK=1 variant; use curvature.rank=1")
+        if not 0 < rank2_eps < 1:
+            raise ValueError(f"rank2_eps must lie in (0, 1), got {rank2_eps}")
+        for M, name in ((A, "A"), (G, "G"), (A2, "A2"), (G2, "G2")):
+            if M is not None:
+                _check_factor(M, name)
+
+        self.shape, self.has_bias, self.undamped_numerators = (R, C), has_bias, undamped_numerators
+        nonzero = W != 0
+        self.live_rows = (nonzero.any(1) & (G.diagonal() > 0)).nonzero().squeeze(1)
+        self.live_cols = (nonzero.any(0) & (A.diagonal() > 0)).nonzero().squeeze(1)
+        self.W_full = W
+        self.W = W[self.live_rows][:, self.live_cols]
+        A_raw, G_raw = _sub(A, self.live_cols, W.dtype), _sub(G, self.live_rows, W.dtype)
+        if undamped_numerators:  # kept only when needed: a real layer's A is hundreds of MB
+            self.A_raw, self.G_raw = A_raw, G_raw
+        A1, G1 = damp(A_raw, damping_a), damp(G_raw, damping_g)
+        self.terms = [(G1, A1)]
+        self.beta = 1.0
+        if A2 is None:
+            K_G, _ = congruence(G1, None, "damped G")
+            K_A, _ = congruence(A1, None, "damped A")
+            self.Ginv, self.Ainv = (K_G @ K_G.T).to(W.dtype), (K_A @ K_A.T).to(W.dtype)
+            self.S = None
+            return
+        A2, G2 = _sub(A2, self.live_cols, W.dtype), _sub(G2, self.live_rows, W.dtype)
+        K_G, sigma = congruence(G1, G2, "damped G1")
+        K_A, tau = congruence(A1, A2, "damped A1")
+        self.beta = shrink_factor(sigma, tau, rank2_eps)
+        S = 1 + self.beta * sigma[:, None] * tau[None, :]
+        if S.numel() and not S.min() > 0:
+            raise ValueError("G1 (x) A1 + G2 (x) A2 is not positive definite (non-finite factors?)")
+        self.terms.append((self.beta * G2, A2))
+        self.K_G, self.K_A, self.S = K_G.to(W.dtype), K_A.to(W.dtype), S.to(W.dtype)
+
+    # --- F, F^-1 and the per-structure precisions, all in live coordinates ---------------
+
+    def _F(self, X: Tensor) -> Tensor:
+        """F X = sum_t G_t X A_t."""
+        return sum(G @ X @ A for G, A in self.terms)
+
+    def _inverse(self, X: Tensor, rows=slice(None)) -> Tensor:
+        """F^-1 X for X nonzero only on `rows` (section 2: G^-1 X A^-1, or K_G ((K_G^T X K_A) / S) K_A^T)."""
+        if self.S is None:
+            return self.Ginv[:, rows] @ X @ self.Ainv
+        return self.K_G @ ((self.K_G[rows].T @ X @ self.K_A) / self.S) @ self.K_A.T
+
+    def _inverse_diag(self) -> Tensor:
+        """diag F^-1 as an R x C array (section 2: (K_G o K_G) (1/S) (K_A o K_A)^T)."""
+        if self.S is None:
+            return self.Ginv.diagonal()[:, None] * self.Ainv.diagonal()[None, :]
+        return (self.K_G**2) @ (1 / self.S) @ (self.K_A**2).T
+
+    def _row_precision(self, X: Tensor) -> Tensor:
+        """Row r of the result is ([F^-1]_{row r})^-1 x_r (section 3, row r: A_d x_r / [G_d^-1]_rr)."""
+        if self.S is None:
+            return X @ self.terms[0][1] / self.Ginv.diagonal()[:, None]
+        A1 = self.terms[0][1]
+        D = (self.K_G**2) @ (1 / self.S)  # [F^-1]_{row r} = K_A diag(D_r) K_A^T
+        return (X @ A1 @ self.K_A / D) @ self.K_A.T @ A1
+
+    def _col_precision(self, X: Tensor) -> Tensor:
+        """Column c of the result is ([F^-1]_{col c})^-1 x_c (section 3, column c: G_d x_c / [A_d^-1]_cc)."""
+        if self.S is None:
+            return self.terms[0][0] @ X / self.Ainv.diagonal()[None, :]
+        G1 = self.terms[0][0]
+        E = (1 / self.S) @ (self.K_A**2).T  # [F^-1]_{col c} = K_G diag(E_c) K_G^T
+        return G1 @ self.K_G @ (self.K_G.T @ G1 @ X / E)
+
+    def _inverse_block(self, r: Tensor, c: Tensor) -> Tensor:
+        """[F^-1]_QQ for the entries Q = {(r_a, c_a)} (section 3, element update)."""
+        if self.S is None:
+            return self.Ginv[r[:, None], r] * self.Ainv[c[:, None], c]
+        # [F^-1]_ab = sum_j K_A[c_a, j] K_A[c_b, j] H_j[r_a, r_b], H_j = K_G diag(1/S_:j) K_G^T
+        urows, which = torch.unique(r, return_inverse=True)
+        K_A = self.K_A[c]
+        block = K_A.new_empty(len(r), len(r))
+        for k, row in enumerate(urows):
+            H = (self.K_G[row] * self.K_G[urows]) @ (1 / self.S)
+            a = which == k
+            block[a] = K_A[a] @ (H[which] * K_A).T
+        return block
+
+    # --- coordinates -------------------------------------------------------------------
+
+    def _full(self, X: Tensor) -> Tensor:
+        """A live-coordinate (R', C') array placed into a zero (R, C) array."""
+        out = X.new_zeros(self.shape)
+        out[self.live_rows[:, None], self.live_cols] = X
+        return out
+
+    def _weights(self, X: Tensor) -> Tensor:
+        """Drop the bias column: costs and masks cover weight columns only."""
+        return X[..., :-1] if self.has_bias else X
+
+    def _with_bias(self, mask: Tensor) -> Tensor:
+        """A weight-column mask extended with a False bias column (biases are never removed alone)."""
+        if not self.has_bias:
+            return mask
+        return torch.cat([mask, mask.new_zeros(mask.shape[:-1] + (1,))], dim=-1)
+
+    def _result(self, W_live: Tensor, removed: Tensor) -> Tensor:
+        """The full new W: updated live block, dead entries unchanged, removed (R, C) entries exactly 0."""
+        W = self.W_full.clone()
+        W[self.live_rows[:, None], self.live_cols] = W_live
+        W[removed] = 0
+        return W
+
+    def _check_mask(self, mask: Tensor, shape: tuple, name: str) -> Tensor:
+        if mask.dtype != torch.bool or tuple(mask.shape) != shape:
+            raise ValueError(f"{name} must be a bool tensor of shape {shape}, got {mask.dtype} {tuple(mask.shape)}")
+        return mask
+
+    # --- costs (section 3) ---------------------------------------------------------------
+
+    def element_costs(self) -> Tensor:
+        """(R, Cw) OBS costs W_rc^2 / (2 [F^-1]_(rc)(rc)) (section 3, element)."""
+        return self._weights(self._full(self.W**2 / (2 * self._inverse_diag())))
+
+    def row_costs(self) -> Tensor:
+        """(R,) OBS costs w_r^T A_d w_r / (2 [G_d^-1]_rr) of removing whole rows, bias included (section 3)."""
+        if self.undamped_numerators:  # official code's variant (ALGORITHM.md Decision)
+            quad = ((self.W @ self.A_raw) * self.W).sum(1) / self.Ginv.diagonal()
+        else:
+            quad = (self._row_precision(self.W) * self.W).sum(1)
+        out = self.W.new_zeros(self.shape[0])
+        out[self.live_rows] = quad / 2
+        return out
+
+    def col_costs(self) -> Tensor:
+        """(Cw,) OBS costs w_c^T G_d w_c / (2 [A_d^-1]_cc) of removing weight columns (section 3)."""
+        if self.undamped_numerators:
+            quad = ((self.G_raw @ self.W) * self.W).sum(0) / self.Ainv.diagonal()
+        else:
+            quad = (self._col_precision(self.W) * self.W).sum(0)
+        out = self.W.new_zeros(self.shape[1])
+        out[self.live_cols] = quad / 2
+        return self._weights(out)
+
+    def obd_element_costs(self) -> Tensor:
+        """(R, Cw) OBD costs 1/2 W_rc^2 F_(rc)(rc) (section 3, correlation=none)."""
+        F_diag = sum(G.diagonal()[:, None] * A.diagonal()[None, :] for G, A in self.terms)
+        return self._weights(self._full(self.W**2 * F_diag / 2))
+
+    def obd_row_costs(self) -> Tensor:
+        """(R,) OBD costs 1/2 G_rr w_r^T A w_r, bias included (section 3, correlation=none)."""
+        quad = sum(G.diagonal() * ((self.W @ A) * self.W).sum(1) for G, A in self.terms)
+        out = self.W.new_zeros(self.shape[0])
+        out[self.live_rows] = quad / 2
+        return out
+
+    def obd_col_costs(self) -> Tensor:
+        """(Cw,) OBD costs 1/2 A_cc w_c^T G w_c (section 3, correlation=none)."""
+        quad = sum(A.diagonal() * ((G @ self.W) * self.W).sum(0) for G, A in self.terms)
+        out = self.W.new_zeros(self.shape[1])
+        out[self.live_cols] = quad / 2
+        return self._weights(out)
+
+    # --- updates (section 3) -------------------------------------------------------------
+
+    def update_elements(self, removed: Tensor, max_correlate: int = 2000) -> Tensor:
+        """New W after removing the (R, Cw) mask `removed`, groups of whole rows solved jointly in turn:
+        M_Q = ([F^-1]_QQ)^-1 w_Q, dW = -F^-1 M (section 3, correlation=layer)."""
+        removed = self._with_bias(self._check_mask(removed, (self.shape[0], self.shape[1] - self.has_bias), "removed"))
+        live = removed[self.live_rows][:, self.live_cols]
+        W = self.W.clone()
+        for a, b in _row_groups(live.sum(1).tolist(), max_correlate):
+            r, c = live[a:b].nonzero(as_tuple=True)
+            if not len(r):
+                continue
+            r = r + a
+            L = _cholesky(self._inverse_block(r, c), "[F^-1]_QQ")
+            M = W.new_zeros(b - a, W.shape[1])
+            M[r - a, c] = torch.cholesky_solve(W[r, c].double()[:, None], L)[:, 0].to(W.dtype)
+            W -= self._inverse(M, slice(a, b))
+        return self._result(W, removed)
+
+    def update_elements_independent(self, removed: Tensor) -> Tensor:
+        """New W after removing `removed` (R, Cw), each element's OBS update computed alone and summed
+        (section 3, correlation=independent)."""
+        removed = self._with_bias(self._check_mask(removed, (self.shape[0], self.shape[1] - self.has_bias), "removed"))
+        live = removed[self.live_rows][:, self.live_cols]
+        M = torch.where(live, self.W / self._inverse_diag(), 0)
+        return self._result(self.W - self._inverse(M), removed)
+
+    def update_rows_cols(self, rows: Tensor, cols: Tensor, mode: str = "union") -> Tensor:
+        """New W after removing whole rows (R,) (bias included) and weight columns (Cw,) (section 3):
+        "union" exact joint solve, "additive" row solve + column solve, "independent" per structure."""
+        R, C = self.shape
+        self._check_mask(rows, (R,), "rows")
+        cols = self._with_bias(self._check_mask(cols, (C - self.has_bias,), "cols"))
+        live_r, live_c = rows[self.live_rows], cols[self.live_cols]
+        none_r, none_c = torch.zeros_like(live_r), torch.zeros_like(live_c)
+        if mode == "union":
+            dW = self._remove_rows_cols(live_r, live_c)
+        elif mode == "additive":
+            dW = self._remove_rows_cols(live_r, none_c) + self._remove_rows_cols(none_r, live_c)
+        elif mode == "independent":
+            M = (torch.where(live_r[:, None], self._row_precision(self.W), 0)
+                 + torch.where(live_c[None, :], self._col_precision(self.W), 0))
+            dW = -self._inverse(M)
+        else:
+            raise ValueError(f"unknown update mode '{mode}'; valid modes: {UPDATE_MODES}")
+        return self._result(self.W + dW, rows[:, None] | cols[None, :])
+
+    def _remove_rows_cols(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """Exact OBS dW for removing live rows and columns together: dW = -Theta on them and
+        dW[K, Kc] = (F_KK)^-1 (F Theta)[K, Kc] on the kept block (section 3, rows and columns together)."""
+        theta = torch.where(rows[:, None] | cols[None, :], self.W, 0)
+        keep_r, keep_c = (~rows).nonzero().squeeze(1), (~cols).nonzero().squeeze(1)
+        Y = self._F(theta)[keep_r][:, keep_c]
+        sub = [(G[keep_r][:, keep_r], A[keep_c][:, keep_c]) for G, A in self.terms]
+        second = sub[1] if len(sub) == 2 else (None, None)
+        # a principal sub-block of a positive definite F is positive definite: no shrinking here
+        K_G, sigma = congruence(sub[0][0], second[0], "kept block of damped G")
+        K_A, tau = congruence(sub[0][1], second[1], "kept block of damped A")
+        K_G, K_A = K_G.to(Y.dtype), K_A.to(Y.dtype)
+        X = K_G.T @ Y @ K_A
+        if sigma is not None:
+            X = X / (1 + sigma[:, None] * tau[None, :]).to(Y.dtype)
+        dW = -theta
+        dW[keep_r[:, None], keep_c] = K_G @ X @ K_A.T
+        return dW
+
+
+def _row_groups(counts: list[int], max_correlate: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b): consecutive whole rows while a group's removed count stays <= max_correlate
+    (a row never splits; max_correlate=0: one group) (section 3, correlation level)."""
+    if max_correlate == 0:
+        return [(0, len(counts))]
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(counts):
+        if i > start and total + n > max_correlate:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    groups.append((start, len(counts)))
+    return groups
+
