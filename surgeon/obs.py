@@ -127,7 +127,7 @@ class LayerOBS:
     def _inverse(self, X: Tensor, rows=slice(None)) -> Tensor:
         """F^-1 X for X nonzero only on `rows` (section 2: G^-1 X A^-1, or K_G ((K_G^T X K_A) / S) K_A^T)."""
         if self.S is None:
-            return self.Ginv[:, rows] @ X @ self.Ainv
+            return self.Ginv[:, rows] @ (X @ self.Ainv)  # cheap when X has few rows
         return self.K_G @ ((self.K_G[rows].T @ X @ self.K_A) / self.S) @ self.K_A.T
 
     def _inverse_diag(self) -> Tensor:

@@ -7,7 +7,8 @@ import torch
 from conftest import ROOT, compose
 from surgeon import runner
 
-SMALL = ["calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128"]
+# max_correlate=256: groups of ~2 rows keep the grouped element solves fast on 2 CPU cores
+SMALL = ["max_correlate=256", "calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128"]
 
 
 def run(tmp_path, *overrides, name="run"):
@@ -63,7 +64,7 @@ def test_structured_llama_saved_model_matches_record(method, tmp_path, shared):
     assert zeros / total == pytest.approx(record["sparsity"], abs=1e-12)
     for layer, entry in zip(layers, record["layers"]):
         W = layer.module.weight
-        assert entry["sparsity"] == pytest.approx((W == 0).float().mean().item(), abs=1e-12)
+        assert entry["sparsity"] == pytest.approx((W == 0).double().mean().item(), abs=1e-12)
         # structured: zeros form whole rows and columns
         rows, cols = (W == 0).all(1), (W == 0).all(0)
         assert torch.equal(W == 0, rows[:, None] | cols[None, :])
