@@ -80,7 +80,10 @@ def _load_checkpoint(path: Path, cfg, device) -> dict | None:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     old, new = ckpt["record"]["protocol"], protocol(cfg, str(device))
-    changed = [k for k in new if k not in ("device",) and old.get(k) != new[k]]
+    def differs(a, b):  # the record adds derived entries (e.g. eval windows) to the protocol: compare b's keys
+        return {k: a.get(k) for k in b} != b if isinstance(a, dict) and isinstance(b, dict) else a != b
+
+    changed = [k for k in new if k != "device" and differs(old.get(k), new[k])]
     if changed:
         raise ConfigError(f"resume=true but the run in {path.parent} was made with different "
                           f"{', '.join(changed)}; use a new hydra.run.dir or the same settings")
