@@ -71,10 +71,9 @@ def _hub_cached(repo: str, revision: str | None) -> bool:
 def check_model_source(cfg: DictConfig) -> str:
     """'local', 'cache' or 'hub'; a clear error when a hub model is asked for while offline."""
     name = str(cfg.model.name_or_path)
-    looks_like_path = name.startswith(("/", ".", "~")) or os.sep in name and not _looks_like_repo(name)
     if _is_local(name):
         return "local"
-    if looks_like_path:
+    if not _looks_like_repo(name):
         hint = ""
         if str(shared_dir()) in name:
             hint = (f" (the testbed lives in {shared_dir()}; set SURGEON_SHARED, or run the paper setting: "
@@ -92,8 +91,9 @@ def check_model_source(cfg: DictConfig) -> str:
 
 
 def _looks_like_repo(name: str) -> bool:
+    """`org/name` or `name`, as on the hub; anything else is meant as a local path."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith(("/", ".", "~"))
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
 def validate(cfg: DictConfig, check_sources: bool = True) -> None:
@@ -141,6 +141,9 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
             raise ConfigError(f"method={method} needs curvature.kind=layerwise (set by its preset)")
         if cfg.curvature.rank != 1:
             raise ConfigError(f"method={method} has no Kronecker rank; use curvature.rank=1")
+        if structure == "semistructured" and cfg.shots != 1:
+            raise ConfigError(f"shots={cfg.shots}: method={method} with structure=semistructured prunes every "
+                              "block to N:M at once; use shots=1")
     elif cfg.curvature.kind == "layerwise":
         raise ConfigError(f"curvature.kind=layerwise is only for method=sparsegpt|wanda, not method={method}")
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":

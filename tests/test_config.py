@@ -58,6 +58,8 @@ BAD = [
     (["curvature.rank=3"], "curvature.rank"),
     (["shots=0"], "shots"),
     (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
+    (["model.name_or_path=./relative/model"], "model.name_or_path"),
+    (["method=sparsegpt", "structure=semistructured", "shots=5"], "shots=1"),
 ]
 
 
@@ -98,3 +100,11 @@ def test_cli_bad_input_exits_nonzero(args, expect, tmp_path, shared):
     assert proc.returncode != 0
     assert expect in proc.stderr + proc.stdout
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_without_shared_the_error_says_how_to_run_the_paper_setting(tmp_path):
+    env = {**__import__("os").environ, "SURGEON_SHARED": str(tmp_path / "nowhere")}
+    proc = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={tmp_path}/run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "model=opt-125m data=wikitext2" in proc.stderr
