@@ -239,6 +239,8 @@ def _rank2_iterations(
 def _normalise(M: Tensor, other: Tensor, last: bool) -> tuple[Tensor, Tensor]:
     """Unit-norm iterate; after the last half-step M (x) other is kept and split to equal norms."""
     norm = torch.linalg.matrix_norm(M)
+    if norm == 0:  # no residual left (e.g. a fully pruned layer): the second term is zero
+        return torch.zeros_like(M), torch.zeros_like(other)
     if not last:
         return M / norm, other
     return M / norm.sqrt(), other * norm.sqrt()

@@ -230,3 +230,24 @@ def test_sequence_loss_sums_per_sequence_means(setup):
         # transformers computes its loss in float32 even for a float64 model
         expected = sum(model(input_ids=seq[None], labels=seq[None]).loss.double() for seq in ids[:3])
         torch.testing.assert_close(sequence_loss(model, ids[:3]), expected, rtol=1e-6, atol=0)
+
+
+
+def test_rank2_of_a_fully_pruned_layer_is_zero_not_nan():
+    """A layer whose weights are all removed has no gradient signal: its second term is 0, not NaN."""
+    model = tiny_model("opt")
+    layers = adapter_for(model.config.model_type).layers(model)
+    q = layers[0].module
+    with torch.no_grad():  # rows removed with their biases: the output of q is exactly zero
+        q.weight.zero_()
+        q.bias.zero_()
+    k = next(l for l in layers if l.block == 0 and l.type == "k").module
+    with torch.no_grad():
+        k.weight.zero_()
+        k.bias.zero_()
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(1))
+    factors = estimate_curvature(model, layers, [ids], rank=2, rank2_iters=2)
+    for f in factors.values():
+        assert torch.isfinite(f.A2).all() and torch.isfinite(f.G2).all()
+    # zeroing q and k makes attention uniform: no gradient flows into either
+    assert torch.count_nonzero(factors[layers[0].name].G2) == 0
