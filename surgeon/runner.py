@@ -161,6 +161,8 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> 
         state = PruneState.from_state_dict(ckpt["state"], device)
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
+        if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = ckpt["shot"] + 1
         log.info("resuming %s from shot %d", run_dir, start)
     else:
