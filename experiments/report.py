@@ -50,10 +50,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports", help="output directory (default: reports)")
     parser.add_argument("--allocation", nargs="*", metavar="RUN_ID",
                         help="run ids to draw the allocation figure for (default: structured surgeon runs)")
+    parser.add_argument("--readme", metavar="PATH",
+                        help="also replace the block between the tables markers in this Markdown file")
     args = parser.parse_args(argv)
     records = load_records(args.records)
     for path in write_report(records, args.out, args.allocation):
         print(path)
+    if args.readme:
+        update_readme(args.readme, (Path(args.out) / "tables.md").read_text())
+        print(args.readme)
+
+
+START, END = "<!-- tables:start (experiments.report --readme) -->", "<!-- tables:end -->"
+
+
+def update_readme(path, tables_md: str) -> None:
+    """Replace the generated block of a README with `tables_md`, so its tables are never typed by hand."""
+    text = Path(path).read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"--readme: {path} has no '{START}' ... '{END}' block")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    Path(path).write_text(f"{head}{START}\n{tables_md.strip()}\n{END}{tail}")
 
 
 if __name__ == "__main__":

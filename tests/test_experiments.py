@@ -180,3 +180,14 @@ def test_report_writes_tables_and_figures(tmp_path):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["allocation_s-surgeon-rk2.png", "allocation_s-surgeon.png", "ppl_vs_size.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / p).stat().st_size > 5000 for p in pngs)
+
+
+def test_readme_block_is_replaced_by_generated_tables(tmp_path):
+    from experiments.report import END, START, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{START}\nold typed table\n{END}\n\nafter\n")
+    update_readme(readme, "| generated |\n")
+    text = readme.read_text()
+    assert "old typed table" not in text and "| generated |" in text
+    assert text.startswith("# title") and text.endswith("after\n")
