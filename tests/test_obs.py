@@ -205,14 +205,19 @@ def test_element_update_independent(case):
     W, A, G, gen = layer(**case)
     removed = random_removed(W, gen, CW)
     o, d = obs(W, A, G, case["has_bias"]), Dense(W, A, G)
-    full = with_bias(removed, case["has_bias"])
+    want = brute_independent(d, with_bias(removed, case["has_bias"]))
+    torch.testing.assert_close(o.update_elements_independent(removed), want, rtol=1e-12, atol=1e-12)
+
+
+def brute_independent(d, full):
+    """Each removed element's dense OBS update computed alone, summed."""
     theta = d.theta.clone()
     live = full[d.rows][:, d.cols].reshape(-1)
     for i in live.nonzero().squeeze(1):
         Q = torch.zeros_like(live)
         Q[i] = True
         theta = theta + d.delta(Q)
-    torch.testing.assert_close(o.update_elements_independent(removed), d.full(theta, full), rtol=1e-12, atol=1e-12)
+    return d.full(theta, full)
 
 
 def row_col_masks(W, has_bias, rows, cols):
@@ -294,14 +299,8 @@ def test_rank2_matches_dense(dead):
     for mc in (0, 1, 6):
         want = brute_elements(d, with_bias(removed, True), mc)
         torch.testing.assert_close(o.update_elements(removed, mc), want, **tol)
-    full = with_bias(removed, True)
-    theta = d.theta.clone()
-    live = full[d.rows][:, d.cols].reshape(-1)
-    for i in live.nonzero().squeeze(1):
-        Q = torch.zeros_like(live)
-        Q[i] = True
-        theta = theta + d.delta(Q)
-    torch.testing.assert_close(o.update_elements_independent(removed), d.full(theta, full), **tol)
+    torch.testing.assert_close(o.update_elements_independent(removed), brute_independent(d, with_bias(removed, True)),
+                               **tol)
 
     rm, cm, full = row_col_masks(W, True, (1, 4), (2, 5))
     _, _, full_rows = row_col_masks(W, True, (1, 4), ())
