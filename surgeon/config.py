@@ -7,11 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from .schedule import SCHEDULES
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda")
 STRUCTURES = ("unstructured", "semistructured", "structured")
-SCHEDULES = ("linear", "exponential", "cubic")
 CORRELATIONS = ("none", "independent", "layer")
 SELECTIONS = ("global", "uniform")
 CURVATURE_KINDS = ("kfac", "diag_a", "identity", "layerwise")
