@@ -6,8 +6,10 @@ write tables and plots from the records.
     python -m experiments.reproduce --only structured semistructured --out reports/testbed
 
 Each table is one `python run.py -m +experiment=...` multirun; records are appended to
-`--records` and `experiments.report` rebuilds every table from them, so an interrupted
-reproduction can be re-run table by table (`--only`) and `--report-only` just redraws.
+`--records` and `experiments.report` rebuilds every table from them. Jobs run with
+`skip_done=true`: a job whose complete record (same protocol) is already in `--records`
+is not rerun, so an interrupted reproduction is continued by running the same command
+again (`--rerun` forces every job); `--only` picks tables and `--report-only` just redraws.
 """
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--records", default=None, help="records file (default results/testbed[-quick].jsonl)")
     p.add_argument("--out", default=None, help="report directory (default reports/testbed[-quick])")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--rerun", action="store_true",
+                   help="rerun every job (default: skip_done=true, jobs already complete in --records are not rerun)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = p.parse_args(argv)
     suffix = "-quick" if args.quick else ""
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         for table in args.only:
             overrides = [*TABLES[table], f"model={args.models}", "data=testbed", f"results={records}",
-                         f"hydra.sweep.dir={out}/runs/{table}"]
+                         f"hydra.sweep.dir={out}/runs/{table}", f"skip_done={str(not args.rerun).lower()}"]
             if args.quick:
                 overrides += QUICK + QUICK_TABLE.get(table, [])
             cmd = [sys.executable, "run.py", "-m", *overrides, *args.overrides]

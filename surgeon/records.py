@@ -120,6 +120,40 @@ def protocol(cfg, device: str) -> dict:
     }
 
 
+# config entries that change a run's numbers beyond its protocol (eval.every: which shots have a perplexity)
+_RESULT_KEYS = (("eval", "every"), ("seed",), ("curvature",), ("lora",), ("method",))
+
+
+def same_protocol(old: dict, new: dict) -> bool:
+    """True if a recorded protocol `old` matches `new` on every key of `new` but the device; records
+    add derived entries (eval windows, prunable_params) that `new` does not have yet."""
+    def same(a, b):
+        return {k: a.get(k) for k in b} == b if isinstance(a, dict) and isinstance(b, dict) else a == b
+
+    return all(same(old.get(k), v) for k, v in new.items() if k != "device")
+
+
+def find_complete(cfg, device: str) -> dict | None:
+    """The newest complete record in `cfg.results` made with this run's protocol and settings, if any."""
+    from .config import to_container
+
+    path = Path(cfg.results)
+    if not path.exists():
+        return None
+    new, config = protocol(cfg, device), to_container(cfg)
+
+    def pick(c, keys):
+        for k in keys:
+            c = c.get(k) if isinstance(c, dict) else None
+        return c
+
+    for record in reversed(read_jsonl(path)):
+        if (record.get("status") == "complete" and same_protocol(record.get("protocol", {}), new)
+                and all(pick(record.get("config", {}), k) == pick(config, k) for k in _RESULT_KEYS)):
+            return record
+    return None
+
+
 def _calib_source(cfg) -> str:
     if cfg.data.name == "wikitext2":
         return f"{cfg.data.hub_path}/{cfg.data.hub_name}:train"

@@ -23,7 +23,8 @@ from .adapters import adapter_for, prunable_parameter_count
 from .config import ConfigError, resolve_device, to_container, validate
 from .evaluate import perplexity, window_losses
 from .prune import PruneState, ShotOptions, apply_masks, layer_sparsity, overall_sparsity, prune_shot
-from .records import append_jsonl, git_commit, new_run_id, now_iso, protocol, versions, write_json_atomic
+from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, protocol, same_protocol, versions,
+                      write_json_atomic)
 from .schedule import shot_targets
 
 log = logging.getLogger("surgeon")
@@ -80,10 +81,7 @@ def _load_checkpoint(path: Path, cfg, device) -> dict | None:
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     old, new = ckpt["record"]["protocol"], protocol(cfg, str(device))
-    def differs(a, b):  # the record adds derived entries (e.g. eval windows) to the protocol: compare b's keys
-        return {k: a.get(k) for k in b} != b if isinstance(a, dict) and isinstance(b, dict) else a != b
-
-    changed = [k for k in new if k != "device" and differs(old.get(k), new[k])]
+    changed = [k for k in new if k != "device" and not same_protocol({k: old.get(k)}, {k: new[k]})]
     if changed:
         raise ConfigError(f"resume=true but the run in {path.parent} was made with different "
                           f"{', '.join(changed)}; use a new hydra.run.dir or the same settings")
@@ -105,6 +103,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    if cfg.skip_done and not cfg.resume:
+        done = find_complete(cfg, str(device))
+        if done is not None:
+            log.info("skip_done: %s already holds complete run %s with this protocol (final ppl %s); not rerun",
+                     cfg.results, done["run_id"], done["final_ppl"])
+            return done
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ckpt = _load_checkpoint(run_dir / CHECKPOINT, cfg, device) if cfg.resume else None

@@ -155,6 +155,24 @@ def test_resume_refuses_different_settings(tmp_path, shared):
         run(tmp_path, "model=opt-tiny", "structure=unstructured", "target=0.6", "shots=1", "resume=true")
 
 
+def test_skip_done_returns_the_complete_record_without_loading(tmp_path, shared, monkeypatch):
+    args = ("model=opt-tiny", "method=magnitude", "structure=unstructured", "target=0.5", "shots=1", "skip_done=true")
+    first = run(tmp_path, *args, name="a")
+    from surgeon import models
+
+    def no_load(*a, **k):
+        raise AssertionError("skip_done loaded the model for a run that is already complete")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    again = run(tmp_path, *args, name="b")
+    assert again["run_id"] == first["run_id"]
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 1
+    # another protocol (target), or other settings outside the protocol (eval.every), are run
+    for other in ("target=0.4", "eval.every=1"):
+        with pytest.raises(AssertionError, match="skip_done loaded"):
+            run(tmp_path, *args, other, name="c")
+
+
 def test_wandb_offline_run_holds_the_per_layer_table(tmp_path, shared, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     record = run(tmp_path, "model=opt-tiny", "structure=structured", "target=0.3", "shots=2", "logger=wandb",
