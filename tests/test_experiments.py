@@ -65,7 +65,8 @@ RECORDS = [
     record("u-surgeon-40", structure="unstructured", shots=40, ppl=lambda shot: 128.0),
     record("u-sparsegpt", method="sparsegpt", structure="unstructured", shots=1, ppl=lambda shot: 135.0),
     record("u-surgeon-5-llama", model="llama-tiny", structure="unstructured", shots=5, ppl=lambda shot: 99.0),
-    # unstructured at another target belongs to no table
+    # unstructured at 70%: its own column; at another target: no table
+    record("u-surgeon-70", structure="unstructured", shots=5, target=0.7, ppl=lambda shot: 170.0),
     record("u-surgeon-60", structure="unstructured", shots=5, target=0.6, ppl=lambda shot: 400.0),
     # 2:4
     record("nm-surgeon", structure="semistructured", shots=5, ppl=lambda shot: 150.0),
@@ -113,11 +114,11 @@ def test_structured_table_reads_sizes_off_the_multishot_run(tables):
 def test_unstructured_and_two_four_tables(tables):
     markdown = to_markdown(tables)
     u = md_table(markdown, "Unstructured")
-    assert u["header"] == ["opt-tiny", "llama-tiny"]
-    assert u["Dense (100%) / "] == ["122.62", "93.63"]
-    assert u["LLM Surgeon / 5"] == ["130.00", "99.00"]
-    assert u["LLM Surgeon / 40"] == ["128.00", "—"]
-    assert u["SparseGPT / 1"] == ["135.00", "—"]
+    assert u["header"] == ["opt-tiny 50%", "opt-tiny 70%", "llama-tiny 50%", "llama-tiny 70%"]
+    assert u["Dense (100%) / "] == ["122.62", "122.62", "93.63", "93.63"]
+    assert u["LLM Surgeon / 5"] == ["130.00", "170.00", "99.00", "—"]
+    assert u["LLM Surgeon / 40"] == ["128.00", "—", "—", "—"]
+    assert u["SparseGPT / 1"] == ["135.00", "—", "—", "—"]
     assert "400.00" not in markdown and "999.00" not in markdown  # other targets, 1:4
     nm = md_table(markdown, "Semi-structured 2:4")
     assert nm["Wanda"] == ["170.00", "120.00"]
@@ -131,7 +132,7 @@ def test_latex_table(tables):
     assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == 3
     assert r"\multicolumn{5}{c}{opt-tiny} & \multicolumn{5}{c}{llama-tiny} \\" in latex
     assert r"LLM Surgeon (rank=1) & 108.00 & 116.00 & -- & 132.00 & 140.00 & -- & -- & -- & -- & -- \\" in latex
-    assert r"SparseGPT & 1 & 135.00 & -- \\" in latex
+    assert r"SparseGPT & 1 & 135.00 & -- & -- & -- \\" in latex
     assert r"max\_windows=all" in latex
 
 
@@ -146,8 +147,8 @@ def test_newest_complete_record_wins(tmp_path):
                             write_jsonl(tmp_path / "b.jsonl", [old, other])])
     assert sorted(r["run_id"] for r in records) == ["new", "other"]
     u = md_table(to_markdown(build_tables(records)), "Unstructured")
-    assert u["LLM Surgeon / 5"] == ["122.00"]
-    assert u["LLM Surgeon / 10"] == ["144.00"]
+    assert u["LLM Surgeon / 5"] == ["122.00", "—"]
+    assert u["LLM Surgeon / 10"] == ["144.00", "—"]
 
 
 def test_records_that_share_a_cell_warn_and_the_newest_shows():
