@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", type=int, default=64, help="held-out and calibration windows for the loss change")
     p.add_argument("--damping-a", type=float, default=0.01)
     p.add_argument("--damping-g", type=float, default=0.1)
+    p.add_argument("--max-correlate", type=int, default=2000)
     p.add_argument("--out", default=None, help="write the result here as JSON")
     args = p.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
         for layer in layers:
             name = layer.name
             W0 = weight_with_bias(layer.module).clone()
-            W1 = solvers[name].update_elements(masks[name])
+            W1 = solvers[name].update_elements(masks[name], max_correlate=args.max_correlate)
             dW = (W1 - W0).double()
             A, G = raw[name]
             # the factors are of the per-sequence MEAN loss's gradients: (T-1)^2 puts the quadratic on

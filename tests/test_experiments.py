@@ -192,3 +192,19 @@ def test_readme_block_is_replaced_by_generated_tables(tmp_path):
     text = readme.read_text()
     assert "old typed table" not in text and "| generated |" in text
     assert text.startswith("# title") and text.endswith("after\n")
+
+
+def test_allocation_diagnostic_runs_and_respects_the_selections(shared, tmp_path):
+    from experiments.diagnose_allocation import main as diagnose
+
+    result = diagnose(["--model", "opt-tiny", "--target", "0.2", "--n", "2", "--seq-len", "32", "--windows", "1",
+                       "--max-correlate", "256", "--out", str(tmp_path)])
+    g, u = result["selections"]["global"]["layers"], result["selections"]["uniform"]["layers"]
+    assert len(g) == len(u) == 24
+    sizes = [256 * 256] * 4 + [256 * 1024] * 2  # q, k, v, out, fc1, fc2 of one opt-tiny block
+    sizes = sizes * 4
+    assert abs(sum(r["removed"] * n for r, n in zip(g, sizes)) / sum(sizes) - 0.2) < 1e-6
+    assert all(abs(r["removed"] - 0.2) < 2e-5 for r in u)
+    assert len({round(r["removed"], 3) for r in g}) > 1  # the global threshold does not allocate uniformly
+    assert all(r["predicted"] > 0 and r["selection_cost"] > 0 for r in g + u)
+    assert (tmp_path / "allocation_opt-tiny_0.2.md").read_text().startswith("## opt-tiny")
