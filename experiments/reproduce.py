@@ -31,9 +31,11 @@ TABLES = {
     "unstructured70": ["+experiment=unstructured_table", "target=0.7", "shots=5", "method=magnitude,kobd,surgeon"],
     "single_shot": ["method=surgeon", "shots=1", "structure=structured,unstructured", "target=0.3,0.5,0.7"],
 }
-DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured"]
-# Quick: fewer calibration sequences and evaluation windows, fewer shots; marked quick=true in every record.
-QUICK = ["quick=true", "calib.n=32", "eval.max_windows=256"]
+DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured", "unstructured70"]
+QUICK_DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured"]
+# Quick: fewer calibration sequences and evaluation windows, fewer shots, smaller correlated groups
+# (the Cholesky work of the element updates grows with max_correlate^2); quick=true in every record.
+QUICK = ["quick=true", "calib.n=32", "eval.max_windows=128", "max_correlate=512"]
 QUICK_TABLE = {
     "structured": ["shots=20", "eval.every=4"],
     "unstructured": ["shots=5"],
@@ -44,7 +46,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--models", default="opt-tiny,llama-tiny")
-    p.add_argument("--only", nargs="+", choices=list(TABLES), default=DEFAULT)
+    p.add_argument("--only", nargs="+", choices=list(TABLES), default=None,
+                   help=f"tables to run (default {' '.join(DEFAULT)}; with --quick {' '.join(QUICK_DEFAULT)})")
     p.add_argument("--records", default=None, help="records file (default results/testbed[-quick].jsonl)")
     p.add_argument("--out", default=None, help="report directory (default reports/testbed[-quick])")
     p.add_argument("--report-only", action="store_true")
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
     if not args.report_only:
-        for table in args.only:
+        for table in args.only or (QUICK_DEFAULT if args.quick else DEFAULT):
             overrides = [*TABLES[table], f"model={args.models}", "data=testbed", f"results={records}",
                          f"hydra.sweep.dir={out}/runs/{table}", f"skip_done={str(not args.rerun).lower()}"]
             if args.quick:
