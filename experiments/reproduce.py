@@ -37,7 +37,7 @@ QUICK_DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semist
 # (the Cholesky work of the element updates grows with max_correlate^2); quick=true in every record.
 QUICK = ["quick=true", "calib.n=32", "eval.max_windows=128", "max_correlate=512"]
 QUICK_TABLE = {
-    "structured": ["shots=10", "eval.every=2"],  # sizes 90..50% at shots 2..10
+    "structured": ["shots=20", "eval.every=4"],  # sizes 90..50% at shots 4..20
     "unstructured": ["shots=5"],
 }
 
