@@ -9,7 +9,8 @@ Each table is one `python run.py -m +experiment=...` multirun; records are appen
 `--records` and `experiments.report` rebuilds every table from them. Jobs run with
 `skip_done=true`: a job whose complete record (same protocol) is already in `--records`
 is not rerun, so an interrupted reproduction is continued by running the same command
-again (`--rerun` forces every job); `--only` picks tables and `--report-only` just redraws.
+again (`--rerun` forces every job); `--only` picks tables, `--report-only` just redraws and
+`--readme README.md` also rewrites the README's generated tables.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--records", default=None, help="records file (default results/testbed[-quick].jsonl)")
     p.add_argument("--out", default=None, help="report directory (default reports/testbed[-quick])")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", metavar="PATH", help="also rewrite the generated tables block of this Markdown file")
     p.add_argument("--rerun", action="store_true",
                    help="rerun every job (default: skip_done=true, jobs already complete in --records are not rerun)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                 return rc
     from experiments.report import main as report
 
-    report(["--records", str(records), "--out", str(out)])
+    report(["--records", str(records), "--out", str(out), *(["--readme", args.readme] if args.readme else [])])
     return 0
 
 

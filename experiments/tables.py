@@ -50,6 +50,8 @@ SUMMARY = {
     "damping": (("lambda_A", ("damping_a",)), ("lambda_G", ("damping_g",))),
     "quick": (("", ("quick",)),),
 }
+# Settings of how a run was measured; records that differ in them never share a table
+MEASUREMENT = ("calib", "eval", "quick")
 TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -259,17 +261,43 @@ def build_tables(records: list[dict]) -> dict:
             else:
                 yield size, _cell(record, point.get("ppl"), point.get("shot"), point.get("sparsity"))
 
-    return {
-        "structured": _table("Structured compression (Table 1): test perplexity by model size",
-                             ["Method"], structured, STRUCTURED_SIZES,
-                             rows_by(structured), structured_cells),
-        "unstructured": _table("Unstructured compression (Table 2): test perplexity at 50% and 70% sparsity",
-                               ["Method", "Shots"], unstructured, UNSTRUCTURED_TARGETS,
-                               rows_by(unstructured, shots_column=True), target_cell),
-        "semistructured": _table("Semi-structured 2:4 compression (Table 3): test perplexity",
-                                 ["Method"], two_four, (None,),
-                                 rows_by(two_four), final_cell),
-    }
+    tables = {}
+    for name, title, header, group, sizes, shots_column, cells_of in (
+            ("structured", "Structured compression (Table 1): test perplexity by model size", ["Method"],
+             structured, STRUCTURED_SIZES, False, structured_cells),
+            ("unstructured", "Unstructured compression (Table 2): test perplexity at 50% and 70% sparsity",
+             ["Method", "Shots"], unstructured, UNSTRUCTURED_TARGETS, True, target_cell),
+            ("semistructured", "Semi-structured 2:4 compression (Table 3): test perplexity", ["Method"],
+             two_four, (None,), False, final_cell)):
+        # one table per measurement protocol: cells and the dense row of one table are always comparable
+        for i, (suffix, own) in enumerate(_by_measurement(group) or [("", [])]):
+            tables[name if i == 0 else f"{name}-{i + 1}"] = _table(
+                title + suffix, header, own, sizes, rows_by(own, shots_column), cells_of)
+    return tables
+
+
+def _by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Records split by measurement protocol (calibration data, evaluation, quick): [(title suffix, records)],
+    the group with the newest record first; the suffix names the settings that differ."""
+    def key(record):
+        return json.dumps({k: record["protocol"].get(k) for k in MEASUREMENT}, sort_keys=True)
+
+    groups = {}
+    for record in records:
+        groups.setdefault(key(record), []).append(record)
+    ordered = sorted(groups.values(), key=lambda g: max(_newness(r) for r in g), reverse=True)
+    if len(ordered) < 2:
+        return [("", g) for g in ordered]
+    paths = [(group, label, path) for group in MEASUREMENT for label, path in SUMMARY[group]]
+    differ = [(group, label, path) for group, label, path in paths
+              if len({json.dumps(_get(g[0]["protocol"], path)) for g in ordered}) > 1]
+
+    def suffix(i, group):
+        if not differ:  # they differ in a setting the protocol line does not show (e.g. the data file)
+            return f" (measurement protocol {i + 1})"
+        return " (" + ", ".join(f"{name} {label}={_format_setting(_get(group[0]['protocol'], path))}"
+                                .replace(" =", " ") for name, label, path in differ) + ")"
+    return [(suffix(i, g), g) for i, g in enumerate(ordered)]
 
 
 def _value(cell: dict | None, missing: str) -> str:

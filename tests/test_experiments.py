@@ -1,5 +1,6 @@
 """Tables and figures from synthetic records with known perplexities (experiments/)."""
 import json
+import warnings
 
 import pytest
 
@@ -151,20 +152,32 @@ def test_newest_complete_record_wins(tmp_path):
     assert u["LLM Surgeon / 10"] == ["144.00", "—"]
 
 
-def test_records_that_share_a_cell_warn_and_the_newest_shows():
+def test_records_measured_differently_never_share_a_table():
     full = record("full", structure="semistructured", shots=5, ppl=lambda shot: 150.0)
     capped = record("capped", structure="semistructured", shots=5, ppl=lambda shot: 160.0,
                     finished="2026-11-29T08:00:00Z")
-    capped["protocol"]["eval"]["max_windows"] = 8  # another protocol, so both records are kept
+    capped["protocol"]["eval"]["max_windows"] = 8  # evaluated on fewer windows: another dense PPL, another table
     capped["dense_ppl"] = 125.0
-    with pytest.warns(UserWarning) as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         tables = build_tables(select_records([capped, full]))
-    messages = " ".join(str(w.message) for w in caught)
-    assert "records full and capped fill the same cell" in messages and "dense perplexities" in messages
+    assert [k for k in tables if k.startswith("semistructured")] == ["semistructured", "semistructured-2"]
     markdown = to_markdown(tables)
-    nm = md_table(markdown, "Semi-structured 2:4")
-    assert nm["LLM Surgeon"] == ["160.00"] and nm["Dense (100%)"] == ["125.00"]
-    assert "max_windows=8/all" in markdown
+    newest = md_table(markdown, "Semi-structured 2:4 compression (Table 3): test perplexity (eval max_windows=8)")
+    older = md_table(markdown, "Semi-structured 2:4 compression (Table 3): test perplexity (eval max_windows=all)")
+    assert newest == {"header": ["opt-tiny"], "Dense (100%)": ["125.00"], "LLM Surgeon": ["160.00"]}
+    assert older == {"header": ["opt-tiny"], "Dense (100%)": [f"{DENSE['opt-tiny']:.2f}"], "LLM Surgeon": ["150.00"]}
+    assert "max_windows=8/all" not in markdown
+    assert r"\label{tab:semistructured-2}" in to_latex(tables)
+
+
+def test_records_that_share_a_cell_warn_and_the_newest_shows():
+    old = record("old", structure="semistructured", shots=5, ppl=lambda shot: 150.0)
+    new = record("new", structure="semistructured", shots=5, ppl=lambda shot: 160.0, finished="2026-11-29T08:00:00Z")
+    new["protocol"]["device"] = "cuda"  # same measurement and method settings, another device: one cell
+    with pytest.warns(UserWarning, match="records old and new fill the same cell"):
+        tables = build_tables(select_records([new, old]))
+    assert md_table(to_markdown(tables), "Semi-structured 2:4")["LLM Surgeon"] == ["160.00"]
 
 
 def test_report_writes_tables_and_figures(tmp_path):
@@ -208,3 +221,28 @@ def test_allocation_diagnostic_runs_and_respects_the_selections(shared, tmp_path
     assert len({round(r["removed"], 3) for r in g}) > 1  # the global threshold does not allocate uniformly
     assert all(r["predicted"] > 0 and r["selection_cost"] > 0 for r in g + u)
     assert (tmp_path / "allocation_opt-tiny_0.2.md").read_text().startswith("## opt-tiny")
+
+
+def test_reproduce_runs_each_table_as_a_multirun_then_rewrites_the_readme(tmp_path, monkeypatch):
+    from experiments import reproduce
+    from experiments.report import END, START
+
+    calls = []
+    monkeypatch.setattr(reproduce.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    records = write_jsonl(tmp_path / "records.jsonl", RECORDS)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{START}\nold\n{END}\n")
+    args = ["--quick", "--only", "structured", "semistructured", "--records", str(records),
+            "--out", str(tmp_path / "out"), "--readme", str(readme), "seed=3"]
+    assert reproduce.main(args) == 0
+    assert [c[c.index("-m") + 1] for c in calls] == ["+experiment=structured_table", "+experiment=semistructured_table"]
+    structured, semistructured = calls
+    assert {"quick=true", "calib.n=32", "shots=20", "eval.every=4", "skip_done=true", f"results={records}",
+            "model=opt-tiny,llama-tiny", "data=testbed", "seed=3"} <= set(structured)
+    assert "shots=20" not in semistructured and "quick=true" in semistructured
+    text = readme.read_text()
+    assert "old" not in text and "## Structured compression" in text and (tmp_path / "out" / "tables.md").exists()
+
+    calls.clear()
+    reproduce.main(["--only", "unstructured", "--rerun", "--records", str(records), "--out", str(tmp_path / "o2")])
+    assert "skip_done=false" in calls[0] and not any(c.startswith("quick") for c in calls[0])
