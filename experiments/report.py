@@ -2,7 +2,8 @@
 
     python -m experiments.report --records results/records.jsonl [more.jsonl ...] --out reports/
 
-Writes tables.md, tables.tex, tables.json, ppl_vs_size.png and allocation_<run>.png
+Writes tables.md, tables.tex, tables.json, ppl_vs_size.png (ppl_vs_size-2.png, ... for records measured
+with another protocol) and allocation_<run>.png
 (by default for every structured LLM Surgeon record; choose others with --allocation).
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments.plots import plot_allocation, plot_ppl_vs_size
-from experiments.tables import build_tables, load_records, to_latex, to_markdown
+from experiments.tables import by_measurement, build_tables, load_records, to_latex, to_markdown
 
 
 def write_report(records: list[dict], out, allocation_runs: list[str] | None = None) -> list[Path]:
@@ -37,7 +38,9 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
             raise SystemExit(f"--allocation: no complete record with run_id {unknown}; known: {sorted(by_id)}")
         chosen = [by_id[run] for run in allocation_runs]
     try:
-        written.append(plot_ppl_vs_size(records, out / "ppl_vs_size.png"))
+        # one figure per measurement protocol, as the tables: ppl_vs_size.png (newest), ppl_vs_size-2.png, ...
+        for i, (_, own) in enumerate(by_measurement(records)):
+            written.append(plot_ppl_vs_size(own, out / f"ppl_vs_size{'' if i == 0 else f'-{i + 1}'}.png"))
         written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]
     except ImportError as err:
         print(f"figures skipped: {err}", file=sys.stderr)  # the tables are still worth having

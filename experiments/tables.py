@@ -270,13 +270,13 @@ def build_tables(records: list[dict]) -> dict:
             ("semistructured", "Semi-structured 2:4 compression (Table 3): test perplexity", ["Method"],
              two_four, (None,), False, final_cell)):
         # one table per measurement protocol: cells and the dense row of one table are always comparable
-        for i, (suffix, own) in enumerate(_by_measurement(group) or [("", [])]):
+        for i, (suffix, own) in enumerate(by_measurement(group) or [("", [])]):
             tables[name if i == 0 else f"{name}-{i + 1}"] = _table(
                 title + suffix, header, own, sizes, rows_by(own, shots_column), cells_of)
     return tables
 
 
-def _by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
+def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by measurement protocol (calibration data, evaluation, quick): [(title suffix, records)],
     the group with the newest record first; the suffix names the settings that differ."""
     def key(record):

@@ -246,3 +246,13 @@ def test_reproduce_runs_each_table_as_a_multirun_then_rewrites_the_readme(tmp_pa
     calls.clear()
     reproduce.main(["--only", "unstructured", "--rerun", "--records", str(records), "--out", str(tmp_path / "o2")])
     assert "skip_done=false" in calls[0] and not any(c.startswith("quick") for c in calls[0])
+
+
+def test_report_draws_one_size_figure_per_measurement_protocol(tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments.report import write_report
+
+    capped = record("capped", finished="2026-11-29T08:00:00Z")
+    capped["protocol"]["eval"]["max_windows"] = 8
+    write_report(select_records([capped, record("full")]), tmp_path, allocation_runs=[])
+    assert sorted(p.name for p in tmp_path.glob("ppl_vs_size*.png")) == ["ppl_vs_size-2.png", "ppl_vs_size.png"]
