@@ -168,6 +168,15 @@ def protocol_summary(records: list[dict]) -> str:
     return "; ".join(groups)
 
 
+def run_time(records: list[dict]) -> str:
+    """How long a table's runs took: the sum of their recorded shot phases (curvature, costs, updates, LoRA,
+    evaluation; model loading and the dense evaluation are not timed per shot), and on which devices."""
+    seconds = sum(sum(point.get("seconds", {}).values()) for r in records for point in r.get("points", []))
+    devices = "/".join(sorted({str(r["protocol"].get("device")) for r in records}))
+    runs = f"{len(records)} run{'s' if len(records) != 1 else ''}"
+    return f"{runs}, {seconds / 3600:.2f} h of shot phases on {devices}" if records else ""
+
+
 def _cell(record: dict, ppl, shot, sparsity) -> dict | None:
     if ppl is None or (isinstance(ppl, float) and math.isnan(ppl)):
         return None
@@ -190,7 +199,7 @@ def _table(title, row_header, records, sizes, row_of, cells_of) -> dict:
     """Assemble one table: a dense row, then one row per method variant, columns models x sizes."""
     models = list(dict.fromkeys(model_name(r) for r in records))
     columns = [{"model": m, "size": s} for m in models for s in sizes]
-    table = {"title": title, "protocol": protocol_summary(records) if records else "",
+    table = {"title": title, "protocol": protocol_summary(records) if records else "", "time": run_time(records),
              "row_header": row_header, "columns": columns, "rows": []}
     if not records:
         return table
@@ -278,14 +287,14 @@ def build_tables(records: list[dict]) -> dict:
 
 def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by measurement protocol (calibration data, evaluation, quick): [(title suffix, records)],
-    the group with the newest record first; the suffix names the settings that differ."""
+    the group with the most runs first, then the newest; the suffix names the settings that differ."""
     def key(record):
         return json.dumps({k: record["protocol"].get(k) for k in MEASUREMENT}, sort_keys=True)
 
     groups = {}
     for record in records:
         groups.setdefault(key(record), []).append(record)
-    ordered = sorted(groups.values(), key=lambda g: max(_newness(r) for r in g), reverse=True)
+    ordered = sorted(groups.values(), key=lambda g: (len(g), max(_newness(r) for r in g)), reverse=True)
     if len(ordered) < 2:
         return [("", g) for g in ordered]
     paths = [(group, label, path) for group in MEASUREMENT for label, path in SUMMARY[group]]
@@ -316,7 +325,7 @@ def to_markdown(tables: dict) -> str:
         if not table["rows"]:
             out += ["No complete records.", ""]
             continue
-        out += [f"Protocol: {table['protocol']}", ""]
+        out += [f"Protocol: {table['protocol']}", ""] + ([f"Run time: {table['time']}", ""] if table.get("time") else [])
         header = table["row_header"] + [_column_label(c) for c in table["columns"]]
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "|".join([" --- "] * len(table["row_header"]) + [" ---: "] * len(table["columns"])) + "|")

@@ -168,6 +168,8 @@ def test_records_measured_differently_never_share_a_table():
     assert newest == {"header": ["opt-tiny"], "Dense (100%)": ["125.00"], "LLM Surgeon": ["160.00"]}
     assert older == {"header": ["opt-tiny"], "Dense (100%)": [f"{DENSE['opt-tiny']:.2f}"], "LLM Surgeon": ["150.00"]}
     assert "max_windows=8/all" not in markdown
+    # 5 shots x 6.3 s of recorded phases each
+    assert markdown.count(f"Run time: 1 run, {5 * 6.3 / 3600:.2f} h of shot phases on cpu") == 2
     assert r"\label{tab:semistructured-2}" in to_latex(tables)
 
 
