@@ -77,3 +77,11 @@ def test_two_job_local_multirun(tmp_path, shared):
     assert sorted(r["protocol"]["shots"] for r in lines) == [1, 2]
     assert all(r["status"] == "complete" for r in lines)
     assert len({r["run_id"] for r in lines}) == 2
+
+
+def test_sweep_presets_compose_from_any_working_directory(tmp_path):
+    # sweeps/ reaches Hydra's search path through hydra_plugins/surgeon_sweeps, not relative to the cwd
+    cmd = [sys.executable, str(ROOT / "run.py"), "+search=optuna", "+cluster=slurm", "--cfg", "hydra"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OptunaSweeper" in proc.stdout and "SlurmLauncher" in proc.stdout
