@@ -28,44 +28,76 @@ def _save(figure, path) -> Path:
     return path
 
 
-def plot_ppl_vs_size(records: list[dict], path) -> Path:
-    """Perplexity (log scale) against model size (1 - sparsity), one panel per model, one series per run.
+STRUCTURE_ORDER = ("structured", "unstructured", "semistructured")
 
-    Structured runs contribute every point with a perplexity; other runs their final point.
-    """
-    models = list(dict.fromkeys(model_name(r) for r in records))
+
+def _structure_name(protocol: dict) -> str:
+    if protocol["structure"] == "semistructured":
+        return f"{protocol['n']}:{protocol['m']}"
+    return protocol["structure"]
+
+
+def size_series(records: list[dict]) -> dict[str, dict[str, dict[str, list[tuple[float, float]]]]]:
+    """{structure: {model: {series label: [(size, ppl), ...] by size}}}: a structured run gives every
+    evaluated shot; other runs their final point, joined with the runs of the same label (method, variant,
+    shots) at other targets."""
     labels = run_labels(records)
-    figure = _figure(figsize=(5 * max(len(models), 1), 4), layout="constrained")
-    from matplotlib.ticker import FormatStrFormatter  # after _figure has said what to install
-    axes = figure.subplots(1, max(len(models), 1), squeeze=False)[0]
-    for ax, model in zip(axes, models):
-        dense = None
-        for record in (r for r in records if model_name(r) == model):
-            protocol = record["protocol"]
-            if record.get("dense_ppl") is not None:
-                dense = record["dense_ppl"]
-            if protocol["structure"] == "structured":
-                points = [(1 - p["sparsity"], p["ppl"]) for p in record.get("points", []) if p.get("ppl") is not None]
-                label, style = f"{labels[record['run_id']]}, structured", "-o"
-            else:
-                points = [(1 - record["sparsity"], record["final_ppl"])] if record.get("final_ppl") is not None else []
-                structure = (f"{protocol['n']}:{protocol['m']}" if protocol["structure"] == "semistructured"
-                             else protocol["structure"])
-                shots = f"{protocol['shots']} shot" + ("s" if protocol["shots"] != 1 else "")
-                label, style = f"{labels[record['run_id']]}, {structure}, {shots}", "s"
-            if points:
-                sizes, ppls = zip(*sorted(points))
-                ax.plot(sizes, ppls, style, label=label, markersize=3)
-        if dense is not None:
-            ax.axhline(dense, color="black", linestyle=":", linewidth=1, label="dense")
-        ax.set_yscale("log")
-        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis_format(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
-        ax.set_xlabel("model size (fraction of prunable weights kept)")
-        ax.set_ylabel("test perplexity")
-        ax.set_title(model)
-        ax.invert_xaxis()  # as in the paper: compression increases to the right
-        ax.legend(fontsize="small")
+    series = {}
+    for record in sorted(records, key=lambda r: STRUCTURE_ORDER.index(r["protocol"]["structure"])
+                         if r["protocol"]["structure"] in STRUCTURE_ORDER else len(STRUCTURE_ORDER)):
+        protocol = record["protocol"]
+        label = labels[record["run_id"]]
+        if protocol["structure"] == "structured":
+            points = [(1 - p["sparsity"], p["ppl"]) for p in record.get("points", []) if p.get("ppl") is not None]
+        else:
+            shots = protocol["shots"]
+            label = f"{label}, {shots} shot" + ("s" if shots != 1 else "")
+            points = [(1 - record["sparsity"], record["final_ppl"])] if record.get("final_ppl") is not None else []
+        own = series.setdefault(_structure_name(protocol), {}).setdefault(model_name(record), {})
+        own[label] = sorted(own.get(label, []) + points)
+    return series
+
+
+def plot_ppl_vs_size(records: list[dict], path) -> Path:
+    """Perplexity (log scale) against model size (1 - sparsity): a row of panels per structure, a panel per
+    model, a line per method variant (colours shared along a row, the legend to its right)."""
+    series = size_series(records)
+    models = list(dict.fromkeys(model_name(r) for r in records))
+    dense = {model_name(r): r["dense_ppl"] for r in sorted(records, key=lambda r: r.get("finished") or "")
+             if r.get("dense_ppl") is not None}
+    rows, cols = max(len(series), 1), max(len(models), 1)
+    figure = _figure(figsize=(4.5 * cols + 3.5, 3.6 * rows), layout="constrained")
+    from matplotlib import colormaps  # after _figure has said what to install
+    from matplotlib.ticker import FormatStrFormatter
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for row, (structure, by_model) in zip(axes, series.items()):
+        labels = list(dict.fromkeys(label for own in by_model.values() for label in own))
+        palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [colormaps["tab20"](i) for i in range(20)]
+        colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+        styles = {label: ("-", "--", "-.")[i // len(palette) % 3] for i, label in enumerate(labels)}
+        for ax, model in zip(row, models):
+            for label, points in by_model.get(model, {}).items():
+                sizes, ppls = zip(*points)
+                ax.plot(sizes, ppls, styles[label], marker="o", color=colours[label], label=label, markersize=3)
+            if model in dense:
+                ax.axhline(dense[model], color="black", linestyle=":", linewidth=1)
+            ax.set_yscale("log")
+            for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_format(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
+            ax.tick_params(axis="y", which="minor", labelsize="x-small")
+            ax.set_xlabel("model size (fraction of prunable weights kept)")
+            ax.set_ylabel("test perplexity")
+            ax.set_title(f"{model}, {structure} (dotted: dense)", fontsize="medium")
+            sizes = {size for points in by_model.get(model, {}).values() for size, _ in points}
+            if len(sizes) == 1:  # one size (2:4): a readable axis around it
+                ax.set_xlim(min(sizes) - 0.05, min(sizes) + 0.05)
+            ax.invert_xaxis()  # as in the paper: compression increases to the right
+        handles = {}
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        row[-1].legend(handles.values(), handles.keys(), fontsize="x-small", loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return _save(figure, path)
 
 

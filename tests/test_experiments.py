@@ -258,3 +258,16 @@ def test_report_draws_one_size_figure_per_measurement_protocol(tmp_path):
     capped["protocol"]["eval"]["max_windows"] = 8
     write_report(select_records([capped, record("full")]), tmp_path, allocation_runs=[])
     assert sorted(p.name for p in tmp_path.glob("ppl_vs_size*.png")) == ["ppl_vs_size-2.png", "ppl_vs_size.png"]
+
+
+def test_size_figure_series_join_runs_of_one_method_across_targets():
+    from experiments.plots import size_series
+
+    runs = [record("sg5", method="sparsegpt", structure="unstructured", shots=1, target=0.5, ppl=lambda s: 130.0),
+            record("sg7", method="sparsegpt", structure="unstructured", shots=1, target=0.7, ppl=lambda s: 150.0),
+            record("s40", ppl_at=(8, 16), ppl=lambda shot: 100.0 + shot)]
+    series = size_series(runs)
+    assert list(series) == ["structured", "unstructured"]
+    sizes, ppls = zip(*series["unstructured"]["opt-tiny"]["SparseGPT, 1 shot"])
+    assert sizes == pytest.approx((0.3 - 3e-5, 0.5 - 3e-5)) and ppls == (150.0, 130.0)
+    assert [p for _, p in series["structured"]["opt-tiny"]["LLM Surgeon"]] == [140.0, 116.0, 108.0]
