@@ -30,9 +30,12 @@ TABLES = {
     "semistructured": ["+experiment=semistructured_table"],
     # the engine's ordering checks beyond the tables: 70% unstructured and single-shot LLM Surgeon
     "unstructured70": ["+experiment=unstructured_table", "target=0.7", "shots=5", "method=magnitude,kobd,surgeon"],
-    "single_shot": ["method=surgeon", "shots=1", "structure=structured,unstructured", "target=0.3,0.5,0.7"],
+    # single-shot LLM Surgeon at the sizes the tables show (Table 1 at 70% and 50% size, Table 2 at 50% and 70%)
+    "single_shot": ["method=surgeon", "shots=1", "structure=structured", "target=0.3,0.5"],
+    "single_shot_unstructured": ["method=surgeon", "shots=1", "structure=unstructured", "target=0.5,0.7"],
 }
-DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured", "unstructured70"]
+DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured", "unstructured70", "single_shot",
+           "single_shot_unstructured"]
 QUICK_DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured"]
 # Quick: fewer calibration sequences and evaluation windows, fewer shots, smaller correlated groups
 # (the Cholesky work of the element updates grows with max_correlate^2); quick=true in every record.
