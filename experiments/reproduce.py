@@ -10,11 +10,13 @@ Each table is one `python run.py -m +experiment=...` multirun; records are appen
 `skip_done=true`: a job whose complete record (same protocol) is already in `--records`
 is not rerun, so an interrupted reproduction is continued by running the same command
 again (`--rerun` forces every job); `--only` picks tables, `--report-only` just redraws and
-`--readme README.md` also rewrites the README's generated tables.
+`--readme README.md` also rewrites the README's generated tables; `--status` lists which jobs
+are complete and which are missing.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -46,6 +48,69 @@ QUICK_TABLE = {
 }
 
 
+def table_overrides(table: str, models: str, records: Path, out: Path, quick: bool, rerun: bool, extra=()) -> list[str]:
+    """The Hydra overrides of one table's multirun."""
+    overrides = [*TABLES[table], f"model={models}", "data=testbed", f"results={records}",
+                 f"hydra.sweep.dir={out}/runs/{table}", f"skip_done={str(not rerun).lower()}"]
+    if quick:
+        overrides += QUICK + QUICK_TABLE.get(table, [])
+    return [*overrides, *extra]
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The single-run overrides a `run.py -m` multirun with `overrides` launches: the preset's
+    hydra.sweeper.params crossed with the command line's sweeps, the command line winning on a key
+    (as Hydra's basic sweeper does)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from surgeon.config import register_resolvers
+
+    parser = OverridesParser.create()
+    command = [o for o in overrides if not o.startswith("hydra.")]
+    parsed = parser.parse_overrides(command)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    register_resolvers()
+    first = [*fixed, *(f"{k}={v[0]}" for k, v in sweeps.items())]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        params = compose("config", overrides=first, return_hydra_config=True).hydra.sweeper.params or {}
+    fixed_keys = {o.get_key_element() for o in parsed if not o.is_sweep_override()}
+    dims = {}
+    for key, value in params.items():
+        if key not in fixed_keys and key not in sweeps:
+            dims[key] = list(parser.parse_overrides([f"{key}={value}"])[0].sweep_string_iterator())
+    dims.update(sweeps)
+    return [[*fixed, *(f"{k}={v}" for k, v in zip(dims, values))] for values in itertools.product(*dims.values())]
+
+
+def job_status(overrides: list[str]) -> list[tuple[list[str], dict | None]]:
+    """(job overrides, its complete record in the results file or None) for every job of a multirun."""
+    from hydra import compose, initialize_config_dir
+
+    from surgeon.records import find_complete
+
+    jobs = expand(overrides)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return [(job, find_complete(compose("config", overrides=job), "cpu")) for job in jobs]
+
+
+def print_status(tables: list[str], overrides_of) -> int:
+    """Print, per table, how many jobs are complete and which are missing; returns the missing count."""
+    missing = 0
+    for table in tables:
+        status = job_status(overrides_of(table))
+        todo = [job for job, record in status if record is None]
+        missing += len(todo)
+        print(f"{table}: {len(status) - len(todo)}/{len(status)} jobs complete", flush=True)
+        for job in todo:
+            print("    missing:", " ".join(o for o in job if o.split("=")[0] not in _COMMON), flush=True)
+    return missing
+
+
+_COMMON = {"data", "results", "skip_done", "quick", "calib.n", "eval.max_windows", "max_correlate", "+experiment"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -55,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--records", default=None, help="records file (default results/testbed[-quick].jsonl)")
     p.add_argument("--out", default=None, help="report directory (default reports/testbed[-quick])")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--status", action="store_true",
+                   help="only print, per table, which jobs are complete in --records and which are missing")
     p.add_argument("--readme", metavar="PATH", help="also rewrite the generated tables block of this Markdown file")
     p.add_argument("--rerun", action="store_true",
                    help="rerun every job (default: skip_done=true, jobs already complete in --records are not rerun)")
@@ -65,13 +132,17 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / f"reports/testbed{suffix}").resolve()
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
+    tables = args.only or (QUICK_DEFAULT if args.quick else DEFAULT)
+
+    def overrides_of(table):
+        return table_overrides(table, args.models, records, out, args.quick, args.rerun, args.overrides)
+
+    if args.status:
+        print_status(tables, overrides_of)
+        return 0
     if not args.report_only:
-        for table in args.only or (QUICK_DEFAULT if args.quick else DEFAULT):
-            overrides = [*TABLES[table], f"model={args.models}", "data=testbed", f"results={records}",
-                         f"hydra.sweep.dir={out}/runs/{table}", f"skip_done={str(not args.rerun).lower()}"]
-            if args.quick:
-                overrides += QUICK + QUICK_TABLE.get(table, [])
-            cmd = [sys.executable, "run.py", "-m", *overrides, *args.overrides]
+        for table in tables:
+            cmd = [sys.executable, "run.py", "-m", *overrides_of(table)]
             print("+", " ".join(cmd[1:]), flush=True)
             t0 = time.time()
             rc = subprocess.call(cmd, cwd=ROOT, env=env)

@@ -271,3 +271,32 @@ def test_size_figure_series_join_runs_of_one_method_across_targets():
     sizes, ppls = zip(*series["unstructured"]["opt-tiny"]["SparseGPT, 1 shot"])
     assert sizes == pytest.approx((0.3 - 3e-5, 0.5 - 3e-5)) and ppls == (150.0, 130.0)
     assert [p for _, p in series["structured"]["opt-tiny"]["LLM Surgeon"]] == [140.0, 116.0, 108.0]
+
+
+def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path, shared, capsys):
+    from experiments import reproduce
+    from surgeon.config import to_container
+    from surgeon.records import protocol
+
+    records, out = tmp_path / "records.jsonl", tmp_path / "out"
+
+    def status(table, quick=False):
+        return reproduce.job_status(reproduce.table_overrides(table, "opt-tiny,llama-tiny", records, out, quick, False))
+
+    jobs = status("unstructured70")
+    assert len(jobs) == 6 and all(record is None for _, record in jobs)
+    assert {" ".join(sorted(j for j in job if j.split("=")[0] in ("method", "model", "target", "shots")))
+            for job, _ in jobs} >= {"method=surgeon model=llama-tiny shots=5 target=0.7"}
+    # the command line's shots=5 replaces the preset's shots sweep, as Hydra's sweeper does
+    assert len(status("unstructured", quick=True)) == 8 and len(status("structured")) == 8
+
+    job = next(job for job, _ in jobs if "method=kobd" in job and "model=opt-tiny" in job)
+    from conftest import compose
+    cfg = compose(job)
+    write_jsonl(records, [{"run_id": "done", "status": "complete", "protocol": protocol(cfg, "cpu"),
+                           "config": to_container(cfg), "final_ppl": 1.0}])
+    done = [job for job, record in status("unstructured70") if record is not None]
+    assert done == [job]
+    assert reproduce.main(["--status", "--only", "unstructured70", "--records", str(records), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "unstructured70: 1/6 jobs complete" in printed and printed.count("missing:") == 5
