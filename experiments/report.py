@@ -68,13 +68,16 @@ START, END = "<!-- tables:start (experiments.report --readme) -->", "<!-- tables
 
 
 def update_readme(path, tables_md: str) -> None:
-    """Replace the generated block of a README with `tables_md`, so its tables are never typed by hand."""
+    """Replace the generated block of a README with `tables_md` (headings one level down), so its tables
+    are never typed by hand."""
     text = Path(path).read_text()
     if START not in text or END not in text:
         raise SystemExit(f"--readme: {path} has no '{START}' ... '{END}' block")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    Path(path).write_text(f"{head}{START}\n{tables_md.strip()}\n{END}{tail}")
+    # the block sits under a section of its own: its table headings go one level down
+    block = "\n".join("#" + line if line.startswith("#") else line for line in tables_md.strip().splitlines())
+    Path(path).write_text(f"{head}{START}\n{block}\n{END}{tail}")
 
 
 if __name__ == "__main__":

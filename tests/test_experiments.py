@@ -203,9 +203,9 @@ def test_readme_block_is_replaced_by_generated_tables(tmp_path):
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{START}\nold typed table\n{END}\n\nafter\n")
-    update_readme(readme, "| generated |\n")
+    update_readme(readme, "## Table\n\n| generated |\n")
     text = readme.read_text()
-    assert "old typed table" not in text and "| generated |" in text
+    assert "old typed table" not in text and "### Table\n\n| generated |" in text
     assert text.startswith("# title") and text.endswith("after\n")
 
 
