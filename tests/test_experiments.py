@@ -171,6 +171,7 @@ def test_records_measured_differently_never_share_a_table():
     # 5 shots x 6.3 s of recorded phases each
     assert markdown.count(f"Run time: 1 run, {5 * 6.3 / 3600:.2f} h of shot phases on cpu") == 2
     assert r"\label{tab:semistructured-2}" in to_latex(tables)
+    assert f"Run time: 1 run, {5 * 6.3 / 3600:.2f} h of shot phases on cpu.}}" in to_latex(tables)
 
 
 def test_records_that_share_a_cell_warn_and_the_newest_shows():
