@@ -75,9 +75,18 @@ def update_readme(path, tables_md: str) -> None:
         raise SystemExit(f"--readme: {path} has no '{START}' ... '{END}' block")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    # the block sits under a section of its own: its table headings go one level down
-    block = "\n".join("#" + line if line.startswith("#") else line for line in tables_md.strip().splitlines())
-    Path(path).write_text(f"{head}{START}\n{block}\n{END}{tail}")
+    Path(path).write_text(f"{head}{START}\n{readme_block(tables_md)}\n{END}{tail}")
+
+
+def readme_block(tables_md: str) -> str:
+    """The README's generated block for `tables_md`: it sits under a section of its own, so its table
+    headings go one level down."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in tables_md.strip().splitlines())
+
+
+def readme_tables(path) -> str:
+    """The generated block currently in a README."""
+    return Path(path).read_text().split(START, 1)[1].split(END, 1)[0].strip()
 
 
 if __name__ == "__main__":

@@ -301,3 +301,14 @@ def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path
     assert reproduce.main(["--status", "--only", "unstructured70", "--records", str(records), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "unstructured70: 1/6 jobs complete" in printed and printed.count("missing:") == 5
+
+
+def test_readme_tables_are_the_committed_records_output():
+    # acceptance: the README's tables are regenerated from results/testbed.jsonl, never typed
+    from conftest import ROOT
+    from experiments.report import readme_block, readme_tables
+
+    expected = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "testbed.jsonl"))))
+    assert readme_tables(ROOT / "README.md") == expected, (
+        "README tables differ from the records: python -m experiments.report --records results/testbed.jsonl "
+        "--out reports/testbed --readme README.md")
