@@ -38,7 +38,7 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
             raise SystemExit(f"--allocation: no complete record with run_id {unknown}; known: {sorted(by_id)}")
         chosen = [by_id[run] for run in allocation_runs]
     try:
-        # one figure per measurement protocol, as the tables: ppl_vs_size.png (newest), ppl_vs_size-2.png, ...
+        # one figure per measurement protocol, as the tables: ppl_vs_size.png (most runs), ppl_vs_size-2.png, ...
         for i, (_, own) in enumerate(by_measurement(records)):
             written.append(plot_ppl_vs_size(own, out / f"ppl_vs_size{'' if i == 0 else f'-{i + 1}'}.png"))
         written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]

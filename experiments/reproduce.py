@@ -48,6 +48,10 @@ QUICK_TABLE = {
 }
 
 
+# settings shared by a reproduction's jobs, left out when a missing job is listed
+_COMMON = {"data", "results", "skip_done", "quick", "calib.n", "eval.max_windows", "max_correlate", "+experiment"}
+
+
 def table_overrides(table: str, models: str, records: Path, out: Path, quick: bool, rerun: bool, extra=()) -> list[str]:
     """The Hydra overrides of one table's multirun."""
     overrides = [*TABLES[table], f"model={models}", "data=testbed", f"results={records}",
@@ -95,20 +99,14 @@ def job_status(overrides: list[str]) -> list[tuple[list[str], dict | None]]:
         return [(job, find_complete(compose("config", overrides=job), "cpu")) for job in jobs]
 
 
-def print_status(tables: list[str], overrides_of) -> int:
-    """Print, per table, how many jobs are complete and which are missing; returns the missing count."""
-    missing = 0
+def print_status(tables: list[str], overrides_of) -> None:
+    """Print, per table, how many jobs are complete and which are missing."""
     for table in tables:
         status = job_status(overrides_of(table))
         todo = [job for job, record in status if record is None]
-        missing += len(todo)
         print(f"{table}: {len(status) - len(todo)}/{len(status)} jobs complete", flush=True)
         for job in todo:
             print("    missing:", " ".join(o for o in job if o.split("=")[0] not in _COMMON), flush=True)
-    return missing
-
-
-_COMMON = {"data", "results", "skip_done", "quick", "calib.n", "eval.max_windows", "max_correlate", "+experiment"}
 
 
 def main(argv=None) -> int:
