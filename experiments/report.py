@@ -4,7 +4,8 @@
 
 Writes tables.md, tables.tex, tables.json, ppl_vs_size.png (ppl_vs_size-2.png, ... for records measured
 with another protocol) and allocation_<run>.png
-(by default for every structured LLM Surgeon record; choose others with --allocation).
+(by default for every structured LLM Surgeon record; choose others with --allocation). Figures of
+an earlier report in --out that this one does not draw (records gone from the records files) are deleted.
 """
 from __future__ import annotations
 
@@ -44,7 +45,23 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
         written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]
     except ImportError as err:
         print(f"figures skipped: {err}", file=sys.stderr)  # the tables are still worth having
+    else:
+        remove_stale_figures(out, written)
     return written
+
+
+def remove_stale_figures(out: Path, written: list[Path]) -> None:
+    """Delete this report's own figures in `out` that this report did not draw.
+
+    A figure of a record that left the records file, or of a measurement protocol with no records any more,
+    would otherwise stay next to the new ones and look current. Other files in `out` are left alone.
+    """
+    keep = {p.resolve() for p in written}
+    for pattern in ("ppl_vs_size.png", "ppl_vs_size-*.png", "allocation_*.png"):
+        for path in out.glob(pattern):
+            if path.resolve() not in keep:
+                path.unlink()
+                print(f"removed stale {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -261,6 +261,19 @@ def test_report_draws_one_size_figure_per_measurement_protocol(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("ppl_vs_size*.png")) == ["ppl_vs_size-2.png", "ppl_vs_size.png"]
 
 
+def test_report_deletes_its_own_figures_that_the_records_no_longer_give(tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments.report import write_report
+
+    capped = record("capped", finished="2026-11-29T08:00:00Z")
+    capped["protocol"]["eval"]["max_windows"] = 8
+    write_report(select_records([capped, record("full")]), tmp_path)
+    (tmp_path / "notes.png").write_bytes(b"not ours")
+    assert {"allocation_capped.png", "allocation_full.png", "ppl_vs_size-2.png"} <= {p.name for p in tmp_path.iterdir()}
+    write_report(select_records([record("full")]), tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["allocation_full.png", "notes.png", "ppl_vs_size.png"]
+
+
 def test_size_figure_series_join_runs_of_one_method_across_targets():
     from experiments.plots import size_series
 
