@@ -23,6 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+# imported now, with the rest of experiments/, not after hours of runs: a report module edited meanwhile
+# would meet the stale tables/plots modules already in this process
+from experiments.report import main as report
+
 ROOT = Path(__file__).resolve().parent.parent
 
 TABLES = {
@@ -147,8 +151,6 @@ def main(argv=None) -> int:
             print(f"{table}: exit {rc} after {(time.time() - t0) / 60:.1f} min", flush=True)
             if rc != 0:
                 return rc
-    from experiments.report import main as report
-
     report(["--records", str(records), "--out", str(out), *(["--readme", args.readme] if args.readme else [])])
     return 0
 
