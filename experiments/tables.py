@@ -230,29 +230,38 @@ def _table(title, row_header, records, sizes, row_of, cells_of) -> dict:
                               f"({' '.join(label)}, {model_name(record)}); showing the newer {cell['run_id']}")
             if cell is not None:
                 cells[i] = cell
-    for key in sorted(rows, key=lambda k: (_method_order(k[0]), [_order(v) for _, v in k[1]], _order(k[2]))):
+    for key in sorted(rows, key=lambda k: (_method_order(k[0]), [_order(v) for _, v in k[1]],
+                                           [_order(v) for v in (k[2] if isinstance(k[2], tuple) else (k[2],))])):
         table["rows"].append({"label": labels[key], "cells": rows[key]})
     return table
 
 
 def build_tables(records: list[dict]) -> dict:
-    """The three paper tables from (selected) records: {"structured", "unstructured", "semistructured"}."""
-    structured = [r for r in records if r["protocol"]["structure"] == "structured"]
+    """The three paper tables from (selected) records: {"structured", "unstructured", "semistructured"}, and
+    "other" for records that fit none of them (ablations at other targets, other N:M), so no run goes unseen."""
+    # structured runs that reach one of the table's sizes (one read off at a size it never reached is an ablation)
+    structured = [r for r in records if r["protocol"]["structure"] == "structured"
+                  and any(structured_point(r, size) is not None for size in STRUCTURED_SIZES)]
     at_final = [r for r in records if abs(r["protocol"]["target"] - FINAL_TARGET) < 1e-9]
     unstructured = [r for r in records if r["protocol"]["structure"] == "unstructured"
                     and any(abs(r["protocol"]["target"] - t) < 1e-9 for t in UNSTRUCTURED_TARGETS)]
     two_four = [r for r in at_final if r["protocol"]["structure"] == "semistructured"
                 and r["protocol"].get("n") == 2 and r["protocol"].get("m") == 4]
 
-    def rows_by(group, shots_column=False):
-        # with a shots column, the shots are part of the row rather than a variant in its label
+    def rows_by(group, shots_column=False, placed=False):
+        # with a shots column, the shots are part of the row rather than a variant in its label; placed rows
+        # (runs outside the paper's tables: ablations) also carry their structure and target
         varying = _variant_fields(group, [f for f in VARIANTS if not (shots_column and f == "shots")])
 
         def row_of(record):
             method, variants = _method_key(record, varying)
-            shots = record["protocol"]["shots"] if shots_column else None
-            label = [_row_label(method, variants)] + ([str(shots)] if shots_column else [])
-            return (method, variants, shots), label
+            label = [_row_label(method, variants)]
+            if shots_column:
+                return (method, variants, record["protocol"]["shots"]), label + [str(record["protocol"]["shots"])]
+            if placed:
+                place = (structure_label(record), record["protocol"]["target"])
+                return (method, variants, place), label + [place[0], f"{place[1]:.0%}"]
+            return (method, variants, None), label
         return row_of
 
     def target_cell(record):
@@ -270,6 +279,9 @@ def build_tables(records: list[dict]) -> dict:
             else:
                 yield size, _cell(record, point.get("ppl"), point.get("shot"), point.get("sparsity"))
 
+    in_paper = {id(r) for r in structured + unstructured + two_four}
+    other = [r for r in records if id(r) not in in_paper]
+
     tables = {}
     for name, title, header, group, sizes, shots_column, cells_of in (
             ("structured", "Structured compression (Table 1): test perplexity by model size", ["Method"],
@@ -277,12 +289,24 @@ def build_tables(records: list[dict]) -> dict:
             ("unstructured", "Unstructured compression (Table 2): test perplexity at 50% and 70% sparsity",
              ["Method", "Shots"], unstructured, UNSTRUCTURED_TARGETS, True, target_cell),
             ("semistructured", "Semi-structured 2:4 compression (Table 3): test perplexity", ["Method"],
-             two_four, (None,), False, final_cell)):
+             two_four, (None,), False, final_cell),
+            ("other", "Other runs (ablations, settings outside Tables 1-3): final test perplexity",
+             ["Method", "Structure", "Sparsity"], other, (None,), False, final_cell)):
+        if name == "other" and not other:
+            continue  # only shown when some record fits none of the paper's tables
         # one table per measurement protocol: cells and the dense row of one table are always comparable
         for i, (suffix, own) in enumerate(by_measurement(group) or [("", [])]):
             tables[name if i == 0 else f"{name}-{i + 1}"] = _table(
-                title + suffix, header, own, sizes, rows_by(own, shots_column), cells_of)
+                title + suffix, header, own, sizes, rows_by(own, shots_column, placed=name == "other"), cells_of)
     return tables
+
+
+def structure_label(record: dict) -> str:
+    """'structured', 'unstructured' or 'N:M'."""
+    protocol = record["protocol"]
+    if protocol["structure"] == "semistructured":
+        return f"{protocol.get('n')}:{protocol.get('m')}"
+    return protocol["structure"]
 
 
 def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:

@@ -84,7 +84,7 @@ def md_table(markdown: str, heading: str) -> dict:
     section = markdown.split(f"## {heading}")[1].split("\n## ")[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
     header, body = rows[0], rows[2:]
-    n_label = 2 if header[1] == "Shots" else 1
+    n_label = 1 + sum(h in ("Shots", "Structure", "Sparsity") for h in header)
     return {"header": header[n_label:], **{" / ".join(r[:n_label]): r[n_label:] for r in body}}
 
 
@@ -120,7 +120,8 @@ def test_unstructured_and_two_four_tables(tables):
     assert u["LLM Surgeon / 5"] == ["130.00", "170.00", "99.00", "—"]
     assert u["LLM Surgeon / 40"] == ["128.00", "—", "—", "—"]
     assert u["SparseGPT / 1"] == ["135.00", "—", "—", "—"]
-    assert "400.00" not in markdown and "999.00" not in markdown  # other targets, 1:4
+    paper = markdown.split("## Other runs")[0]
+    assert "400.00" not in paper and "999.00" not in paper  # other targets, 1:4
     nm = md_table(markdown, "Semi-structured 2:4")
     assert nm["Wanda"] == ["170.00", "120.00"]
     assert nm["LLM Surgeon"] == ["150.00", "—"]
@@ -128,9 +129,29 @@ def test_unstructured_and_two_four_tables(tables):
            "damping lambda_A=0.01 lambda_G=0.1; quick false" in markdown
 
 
+def test_runs_outside_the_paper_tables_get_a_table_of_their_own(tables):
+    # every run is seen: the 60% unstructured run and the 1:4 run fit none of the paper's tables
+    other = md_table(to_markdown(tables), "Other runs")
+    assert other["header"] == ["opt-tiny"]
+    assert other["Dense (100%) /  / "] == ["122.62"]
+    assert other["LLM Surgeon / unstructured / 60%"] == ["400.00"]
+    assert other["LLM Surgeon / 1:4 / 75%"] == ["999.00"]
+    assert len(tables["other"]["rows"]) == 3
+    # ablation-like runs: their varied setting names the row; a structured run short of every table size is here
+    ablation = [record(f"corr-{c}", structure=s, shots=5, target=0.05, ppl=lambda shot, v=v: v)
+                for c, s, v in (("none", "structured", 140.0), ("layer", "structured", 125.0),
+                                ("none", "unstructured", 130.0), ("layer", "unstructured", 124.0))]
+    for r in ablation:
+        r["protocol"]["correlation"] = r["run_id"].split("-")[1]
+    other = md_table(to_markdown(build_tables(select_records(ablation))), "Other runs")
+    assert other["LLM Surgeon (correlation=layer) / structured / 5%"] == ["125.00"]
+    assert other["LLM Surgeon (correlation=none) / unstructured / 5%"] == ["130.00"]
+    assert "other" not in build_tables(select_records(RECORDS[:3]))  # no such runs: no table
+
+
 def test_latex_table(tables):
     latex = to_latex(tables)
-    assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == 3
+    assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == 4
     assert r"\multicolumn{5}{c}{opt-tiny} & \multicolumn{5}{c}{llama-tiny} \\" in latex
     assert r"LLM Surgeon (rank=1) & 108.00 & 116.00 & -- & 132.00 & 140.00 & -- & -- & -- & -- & -- \\" in latex
     assert r"SparseGPT & 1 & 135.00 & -- & -- & -- \\" in latex
