@@ -149,6 +149,13 @@ def test_runs_outside_the_paper_tables_get_a_table_of_their_own(tables):
     assert "other" not in build_tables(select_records(RECORDS[:3]))  # no such runs: no table
 
 
+def test_structured_sizes_are_read_only_at_shots_scheduled_for_them(tables):
+    # 5 linear shots to 30%: shots at 6/12/18/24/30% sparsity; only 70% size is a table size it was scheduled for
+    short = record("s-5", shots=5, target=0.3, ppl=lambda shot: 200.0 + shot)
+    row = next(r for r in build_tables(select_records([short]))["structured"]["rows"] if r["label"] == ["LLM Surgeon"])
+    assert [c and c["ppl"] for c in row["cells"]] == [None, None, 205.0, None, None]
+
+
 def test_latex_table(tables):
     latex = to_latex(tables)
     assert latex.count(r"\toprule") == latex.count(r"\bottomrule") == 4
