@@ -39,6 +39,11 @@ TABLES = {
     # single-shot LLM Surgeon at the sizes the tables show (Table 1 at 70% and 50% size, Table 2 at 50% and 70%)
     "single_shot": ["method=surgeon", "shots=1", "structure=structured", "target=0.3,0.5"],
     "single_shot_unstructured": ["method=surgeon", "shots=1", "structure=unstructured", "target=0.5,0.7"],
+    # the ablation presets, run only when named (--only); their records belong in a file of their own (--records)
+    "ablation_damping": ["+experiment=ablation_damping"],
+    "ablation_shots": ["+experiment=ablation_shots"],
+    "ablation_rank": ["+experiment=ablation_rank"],
+    "ablation_correlation": ["+experiment=ablation_correlation"],
 }
 DEFAULT = ["structured", "unstructured", "unstructured_layerwise", "semistructured", "unstructured70", "single_shot",
            "single_shot_unstructured"]
