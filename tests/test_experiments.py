@@ -331,6 +331,9 @@ def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path
             for job, _ in jobs} >= {"method=surgeon model=llama-tiny shots=5 target=0.7"}
     # the command line's shots=5 replaces the preset's shots sweep, as Hydra's sweeper does
     assert len(status("unstructured", quick=True)) == 8 and len(status("structured")) == 8
+    # ablation presets by name: correlation x structure, Kronecker rank, shots x schedule, damping grid, per model
+    assert [len(status(t, quick=True)) for t in ("ablation_correlation", "ablation_rank", "ablation_shots",
+                                                 "ablation_damping")] == [12, 4, 30, 18]
 
     job = next(job for job, _ in jobs if "method=kobd" in job and "model=opt-tiny" in job)
     from conftest import compose
