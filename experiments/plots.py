@@ -89,8 +89,10 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
             ax.set_ylabel("test perplexity")
             ax.set_title(f"{model}, {structure} (dotted: dense)", fontsize="medium")
             sizes = {size for points in by_model.get(model, {}).values() for size, _ in points}
-            if len(sizes) == 1:  # one size (2:4): a readable axis around it
-                ax.set_xlim(min(sizes) - 0.05, min(sizes) + 0.05)
+            if sizes and max(sizes) - min(sizes) < 0.02:  # one size (2:4, an ablation): a readable axis around it
+                middle = (max(sizes) + min(sizes)) / 2
+                ax.set_xlim(middle - 0.05, middle + 0.05)
+            ax.ticklabel_format(axis="x", useOffset=False)  # sizes as they are, never "1e-5 + 0.7"
             ax.invert_xaxis()  # as in the paper: compression increases to the right
         handles = {}
         for ax in row:
