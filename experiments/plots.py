@@ -1,4 +1,5 @@
-"""Figures from result records: perplexity against model size, and the per-layer allocation.
+"""Figures from result records: perplexity against model size and against the shot count, and the per-layer
+allocation.
 
 matplotlib is optional: it is imported when a figure is drawn, and drawn with the Agg
 canvas directly, so no global backend is switched.
@@ -94,6 +95,72 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
                 ax.set_xlim(middle - 0.05, middle + 0.05)
             ax.ticklabel_format(axis="x", useOffset=False)  # sizes as they are, never "1e-5 + 0.7"
             ax.invert_xaxis()  # as in the paper: compression increases to the right
+        handles = {}
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        row[-1].legend(handles.values(), handles.keys(), fontsize="x-small", loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    return _save(figure, path)
+
+
+def shot_series(records: list[dict]) -> dict[tuple[str, float], dict[str, dict[str, list[tuple[int, float]]]]]:
+    """{(structure, sparsity): {model: {series label: [(shots, final ppl), ...]}}}, only the series that have
+    runs at two or more shot counts (a shot-count sweep: the unstructured table, the shots ablation)."""
+    labels = run_labels(records, shots=False)
+    series = {}
+    for record in records:
+        if record.get("final_ppl") is None:
+            continue
+        protocol = record["protocol"]
+        place = (_structure_name(protocol), round(protocol["target"], 6))
+        own = series.setdefault(place, {}).setdefault(model_name(record), {})
+        own.setdefault(labels[record["run_id"]], []).append((protocol["shots"], record["final_ppl"]))
+    swept = {}
+    for place, by_model in sorted(series.items(), key=lambda item: (
+            STRUCTURE_ORDER.index(item[0][0]) if item[0][0] in STRUCTURE_ORDER else len(STRUCTURE_ORDER), item[0])):
+        for model, by_label in by_model.items():
+            for label, points in by_label.items():
+                if len({shots for shots, _ in points}) > 1:
+                    # one point per shot count: the newest record's (records are selected, newest last)
+                    swept.setdefault(place, {}).setdefault(model, {})[label] = sorted(dict(points).items())
+    return swept
+
+
+def plot_ppl_vs_shots(records: list[dict], path) -> Path | None:
+    """Final perplexity (log) against the number of shots (log): a row per structure and sparsity, a panel per
+    model, a line per method variant; None (nothing drawn) when no runs differ only in their shot count."""
+    series = shot_series(records)
+    if not series:
+        return None
+    models = list(dict.fromkeys(model_name(r) for r in records))
+    dense = {model_name(r): r["dense_ppl"] for r in sorted(records, key=lambda r: r.get("finished") or "")
+             if r.get("dense_ppl") is not None}
+    figure = _figure(figsize=(4.5 * len(models) + 3.5, 3.6 * len(series)), layout="constrained")
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+    axes = figure.subplots(len(series), len(models), squeeze=False)
+    for row, ((structure, sparsity), by_model) in zip(axes, series.items()):
+        labels = list(dict.fromkeys(label for own in by_model.values() for label in own))
+        colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+        for ax, model in zip(row, models):
+            shot_counts = set()
+            for label, points in by_model.get(model, {}).items():
+                shots, ppls = zip(*points)
+                shot_counts.update(shots)
+                ax.plot(shots, ppls, "-o", color=colours[label], label=label, markersize=3)
+            if model in dense:
+                ax.axhline(dense[model], color="black", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(sorted(shot_counts) or [1]))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
+            for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis_format(FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize="x-small")
+            ax.set_xlabel("shots")
+            ax.set_ylabel("final test perplexity")
+            ax.set_title(f"{model}, {structure} {sparsity:.0%} sparsity (dotted: dense)", fontsize="medium")
         handles = {}
         for ax in row:
             for handle, label in zip(*ax.get_legend_handles_labels()):

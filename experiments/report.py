@@ -3,7 +3,7 @@
     python -m experiments.report --records results/records.jsonl [more.jsonl ...] --out reports/
 
 Writes tables.md, tables.tex, tables.json, ppl_vs_size.png (ppl_vs_size-2.png, ... for records measured
-with another protocol) and allocation_<run>.png
+with another protocol), ppl_vs_shots.png (where runs differ only in their shot count) and allocation_<run>.png
 (by default for every structured LLM Surgeon record; choose others with --allocation). Figures of
 an earlier report in --out that this one does not draw (records gone from the records files) are deleted.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from experiments.plots import plot_allocation, plot_ppl_vs_size
+from experiments.plots import plot_allocation, plot_ppl_vs_shots, plot_ppl_vs_size
 from experiments.tables import by_measurement, build_tables, load_records, to_latex, to_markdown
 
 
@@ -41,7 +41,10 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
     try:
         # one figure per measurement protocol, as the tables: ppl_vs_size.png (most runs), ppl_vs_size-2.png, ...
         for i, (_, own) in enumerate(by_measurement(records)):
-            written.append(plot_ppl_vs_size(own, out / f"ppl_vs_size{'' if i == 0 else f'-{i + 1}'}.png"))
+            suffix = "" if i == 0 else f"-{i + 1}"
+            written.append(plot_ppl_vs_size(own, out / f"ppl_vs_size{suffix}.png"))
+            shots_figure = plot_ppl_vs_shots(own, out / f"ppl_vs_shots{suffix}.png")  # None: no shot sweep
+            written += [shots_figure] if shots_figure else []
         written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]
     except ImportError as err:
         print(f"figures skipped: {err}", file=sys.stderr)  # the tables are still worth having
@@ -57,7 +60,8 @@ def remove_stale_figures(out: Path, written: list[Path]) -> None:
     would otherwise stay next to the new ones and look current. Other files in `out` are left alone.
     """
     keep = {p.resolve() for p in written}
-    for pattern in ("ppl_vs_size.png", "ppl_vs_size-*.png", "allocation_*.png"):
+    for pattern in ("ppl_vs_size.png", "ppl_vs_size-*.png", "ppl_vs_shots.png", "ppl_vs_shots-*.png",
+                    "allocation_*.png"):
         for path in out.glob(pattern):
             if path.resolve() not in keep:
                 path.unlink()

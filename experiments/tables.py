@@ -143,13 +143,14 @@ def _format_setting(value) -> str:
     return str(value)
 
 
-def run_labels(records: list[dict]) -> dict[str, str]:
-    """run_id -> method name plus the variant settings that tell it apart from same-method runs of its structure."""
+def run_labels(records: list[dict], shots: bool | None = None) -> dict[str, str]:
+    """run_id -> method name plus the variant settings that tell it apart from same-method runs of its structure;
+    the shots are named for structured runs only (figures name the others' shots themselves), or as `shots` says."""
     labels = {}
     for structure in {r["protocol"]["structure"] for r in records}:
         group = [r for r in records if r["protocol"]["structure"] == structure]
-        # figures name the shots of unstructured and N:M runs themselves
-        fields = VARIANTS if structure == "structured" else [f for f in VARIANTS if f != "shots"]
+        named = structure == "structured" if shots is None else shots
+        fields = VARIANTS if named else [f for f in VARIANTS if f != "shots"]
         varying = _variant_fields(group, fields)
         labels.update({r["run_id"]: _row_label(*_method_key(r, varying)) for r in group})
     return labels

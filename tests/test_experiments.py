@@ -223,7 +223,7 @@ def test_report_writes_tables_and_figures(tmp_path):
     assert (out / "tables.md").read_text().startswith("## Structured")
     assert r"\begin{tabular}" in (out / "tables.tex").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["allocation_s-surgeon-rk2.png", "allocation_s-surgeon.png", "ppl_vs_size.png"]
+    assert pngs == ["allocation_s-surgeon-rk2.png", "allocation_s-surgeon.png", "ppl_vs_shots.png", "ppl_vs_size.png"]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / p).stat().st_size > 5000 for p in pngs)
 
 
@@ -300,6 +300,28 @@ def test_report_deletes_its_own_figures_that_the_records_no_longer_give(tmp_path
     assert {"allocation_capped.png", "allocation_full.png", "ppl_vs_size-2.png"} <= {p.name for p in tmp_path.iterdir()}
     write_report(select_records([record("full")]), tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["allocation_full.png", "notes.png", "ppl_vs_size.png"]
+
+
+def test_shots_figure_joins_runs_that_differ_only_in_their_shot_count(tmp_path):
+    from experiments.plots import plot_ppl_vs_shots, shot_series
+
+    # u-surgeon-5 and u-surgeon-40 (opt-tiny, unstructured 50%) are the only runs of one setting at two shot counts
+    assert shot_series(select_records(RECORDS)) == {
+        ("unstructured", 0.5): {"opt-tiny": {"LLM Surgeon": [(5, 130.0), (40, 128.0)]}}}
+    # a run at another schedule is another line; a newer record of the same run replaces the older point
+    runs = [record("a", shots=1, target=0.3, ppl=lambda s: 131.0), record("b", shots=5, target=0.3, ppl=lambda s: 123.0),
+            record("c", shots=5, target=0.3, ppl=lambda s: 122.0, finished="2026-11-29T09:00:00Z"),
+            record("d", shots=5, target=0.3, ppl=lambda s: 124.0, finished="2026-11-29T10:00:00Z"),
+            record("e", shots=2, target=0.3, ppl=lambda s: 133.0)]
+    for r in runs[2:]:
+        r["protocol"]["schedule"] = "cubic"
+    series = shot_series(select_records(runs))[("structured", 0.3)]["opt-tiny"]
+    assert series == {"LLM Surgeon (schedule=linear)": [(1, 131.0), (5, 123.0)],
+                      "LLM Surgeon (schedule=cubic)": [(2, 133.0), (5, 124.0)]}
+    runs[4]["status"] = "failed"  # cubic left with one shot count: no line
+    assert list(shot_series(select_records(runs))[("structured", 0.3)]["opt-tiny"]) == ["LLM Surgeon (schedule=linear)"]
+    assert plot_ppl_vs_shots(select_records(RECORDS[:4]), tmp_path / "none.png") is None  # no sweep: no figure
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_size_figure_series_join_runs_of_one_method_across_targets():
