@@ -32,6 +32,33 @@ def _save(figure, path) -> Path:
 STRUCTURE_ORDER = ("structured", "unstructured", "semistructured")
 
 
+def _dense_ppls(records: list[dict]) -> dict[str, float]:
+    """model -> the newest record's dense perplexity."""
+    return {model_name(r): r["dense_ppl"] for r in sorted(records, key=lambda r: r.get("finished") or "")
+            if r.get("dense_ppl") is not None}
+
+
+def _perplexity_axis(ax, dense_ppl: float | None) -> None:
+    """A log perplexity axis with plain tick numbers and the dense perplexity as a dotted line."""
+    from matplotlib.ticker import FormatStrFormatter
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="black", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis_format(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
+    ax.tick_params(axis="y", which="minor", labelsize="x-small")
+
+
+def _row_legend(row) -> None:
+    """One legend for a row of panels, each label once, to the right of the last panel."""
+    handles = {}
+    for ax in row:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    row[-1].legend(handles.values(), handles.keys(), fontsize="x-small", loc="upper left",
+                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+
+
 def _structure_name(protocol: dict) -> str:
     if protocol["structure"] == "semistructured":
         return f"{protocol['n']}:{protocol['m']}"
@@ -64,12 +91,10 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
     model, a line per method variant (colours shared along a row, the legend to its right)."""
     series = size_series(records)
     models = list(dict.fromkeys(model_name(r) for r in records))
-    dense = {model_name(r): r["dense_ppl"] for r in sorted(records, key=lambda r: r.get("finished") or "")
-             if r.get("dense_ppl") is not None}
+    dense = _dense_ppls(records)
     rows, cols = max(len(series), 1), max(len(models), 1)
     figure = _figure(figsize=(4.5 * cols + 3.5, 3.6 * rows), layout="constrained")
     from matplotlib import colormaps  # after _figure has said what to install
-    from matplotlib.ticker import FormatStrFormatter
     axes = figure.subplots(rows, cols, squeeze=False)
     for row, (structure, by_model) in zip(axes, series.items()):
         labels = list(dict.fromkeys(label for own in by_model.values() for label in own))
@@ -80,12 +105,7 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
             for label, points in by_model.get(model, {}).items():
                 sizes, ppls = zip(*points)
                 ax.plot(sizes, ppls, styles[label], marker="o", color=colours[label], label=label, markersize=3)
-            if model in dense:
-                ax.axhline(dense[model], color="black", linestyle=":", linewidth=1)
-            ax.set_yscale("log")
-            for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis_format(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
-            ax.tick_params(axis="y", which="minor", labelsize="x-small")
+            _perplexity_axis(ax, dense.get(model))
             ax.set_xlabel("model size (fraction of prunable weights kept)")
             ax.set_ylabel("test perplexity")
             ax.set_title(f"{model}, {structure} (dotted: dense)", fontsize="medium")
@@ -95,12 +115,7 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
                 ax.set_xlim(middle - 0.05, middle + 0.05)
             ax.ticklabel_format(axis="x", useOffset=False)  # sizes as they are, never "1e-5 + 0.7"
             ax.invert_xaxis()  # as in the paper: compression increases to the right
-        handles = {}
-        for ax in row:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(label, handle)
-        row[-1].legend(handles.values(), handles.keys(), fontsize="x-small", loc="upper left",
-                       bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        _row_legend(row)
     return _save(figure, path)
 
 
@@ -134,8 +149,7 @@ def plot_ppl_vs_shots(records: list[dict], path) -> Path | None:
     if not series:
         return None
     models = list(dict.fromkeys(model_name(r) for r in records))
-    dense = {model_name(r): r["dense_ppl"] for r in sorted(records, key=lambda r: r.get("finished") or "")
-             if r.get("dense_ppl") is not None}
+    dense = _dense_ppls(records)
     figure = _figure(figsize=(4.5 * len(models) + 3.5, 3.6 * len(series)), layout="constrained")
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
     axes = figure.subplots(len(series), len(models), squeeze=False)
@@ -148,25 +162,15 @@ def plot_ppl_vs_shots(records: list[dict], path) -> Path | None:
                 shots, ppls = zip(*points)
                 shot_counts.update(shots)
                 ax.plot(shots, ppls, "-o", color=colours[label], label=label, markersize=3)
-            if model in dense:
-                ax.axhline(dense[model], color="black", linestyle=":", linewidth=1)
+            _perplexity_axis(ax, dense.get(model))
             ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.xaxis.set_major_locator(FixedLocator(sorted(shot_counts) or [1]))
             ax.xaxis.set_minor_locator(NullLocator())
             ax.xaxis.set_major_formatter(FormatStrFormatter("%d"))
-            for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis_format(FormatStrFormatter("%g"))
-            ax.tick_params(axis="y", which="minor", labelsize="x-small")
             ax.set_xlabel("shots")
             ax.set_ylabel("final test perplexity")
             ax.set_title(f"{model}, {structure} {sparsity:.0%} sparsity (dotted: dense)", fontsize="medium")
-        handles = {}
-        for ax in row:
-            for handle, label in zip(*ax.get_legend_handles_labels()):
-                handles.setdefault(label, handle)
-        row[-1].legend(handles.values(), handles.keys(), fontsize="x-small", loc="upper left",
-                       bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        _row_legend(row)
     return _save(figure, path)
 
 
