@@ -88,7 +88,7 @@ def main(argv=None):
             opts = ShotOptions(structure=structure, damping_a=da, damping_g=dg, max_correlate=args.max_correlate)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds = prune_shot(model, layers, batches, PruneState.empty(layers), args.target, opts)
+            seconds, _ = prune_shot(model, layers, batches, PruneState.empty(layers), args.target, opts)
             total = sum(seconds.values())
             rows.append((name, structure, base, seconds, total, peak_mb(device)))
             print(f"{name} {structure}: pass {base:.2f}s, shot {total:.2f}s", flush=True)

@@ -10,6 +10,8 @@ import math
 import warnings
 from pathlib import Path
 
+from surgeon.records import upgrade
+
 METHOD_NAMES = {
     "magnitude": "Magnitude",
     "lobd": "L-OBD",
@@ -36,6 +38,7 @@ VARIANTS = {
     "fisher": ("protocol", "fisher"),
     "damping_a": ("protocol", "damping_a"),
     "damping_g": ("protocol", "damping_g"),
+    "solver": ("protocol", "solver"),
     "max_correlate": ("protocol", "max_correlate"),
     "union": ("protocol", "union"),
     "lora": ("protocol", "lora"),
@@ -87,7 +90,7 @@ def load_records(paths) -> list[dict]:
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
+                    records.append(upgrade(json.loads(line)))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number} is not a JSON record: {err}") from err
     return select_records(records)

@@ -18,6 +18,7 @@ SELECTIONS = ("global", "uniform")
 CURVATURE_KINDS = ("kfac", "diag_a", "identity", "layerwise")
 FISHERS = ("empirical", "sampled")
 UNIONS = ("exact", "additive")
+SOLVERS = ("joint", "grouped")
 LAYERWISE_METHODS = ("sparsegpt", "wanda")
 PAPER_SETTING = "python run.py model=opt-125m data=wikitext2"
 
@@ -118,6 +119,12 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     for key in ("damping_a", "damping_g"):
         if cfg.curvature[key] < 0:
             raise ConfigError(f"curvature.{key}={cfg.curvature[key]} must be >= 0")
+    update = cfg["update"]  # not cfg.update: that is DictConfig's own dict method
+    _one_of("update.solver", update.solver, SOLVERS)
+    if not isinstance(update.tol, (int, float)) or not 0 < update.tol < 1:
+        raise ConfigError(f"update.tol={update.tol!r} must be a relative residual in (0, 1)")
+    if not isinstance(update.max_iter, int) or update.max_iter < 1:
+        raise ConfigError(f"update.max_iter={update.max_iter!r} must be a positive integer")
     if cfg.max_correlate < 0:
         raise ConfigError(f"max_correlate={cfg.max_correlate} must be >= 0 (0: whole layer)")
     for key in ("n", "seq_len", "batch_size"):

@@ -7,10 +7,36 @@ the live sub-factors; dead rows and columns cost 0 and are never updated.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 from torch import Tensor
 
 UPDATE_MODES = ("union", "additive", "independent")
+
+
+# the joint element update solves on the kept entries when more than this fraction of a layer's live
+# entries is removed (measured on the testbed's real factors: the dual stalls above ~0.95, the primal
+# below ~0.8)
+PRIMAL_ABOVE = 0.9
+
+
+class NotConverged(RuntimeError):
+    """The joint element solve stopped at its iteration cap above its residual tolerance."""
+
+
+@dataclass
+class SolveInfo:
+    """How one layer's joint element update was solved (recorded per layer and shot)."""
+
+    removed: int           # |Q|: removed live entries, earlier shots' zeros included
+    iterations: int
+    residual: float        # final true relative residual of the system solved (0 when w_Q = 0)
+    converged: bool
+    formulation: str = ""  # "dual" (on Q) or "primal" (on the kept entries); "" when nothing was solved
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def damp(M: Tensor, lam: float) -> Tensor:
@@ -260,6 +286,75 @@ class LayerOBS:
             W -= self._inverse(M, slice(a, b))
         return self._result(W, removed)
 
+    def update_elements_joint(self, removed: Tensor, tol: float = 1e-10, max_iter: int = 2000,
+                              formulation: str | None = None) -> tuple[Tensor, SolveInfo]:
+        """New W after removing the (R, Cw) mask `removed`, all of the layer's removed entries Q at once
+        (section 3, correlation=layer, the exact layer-joint solve), by Jacobi-preconditioned conjugate
+        gradients in float64 on one of two equivalent systems:
+          dual,   on Q: [F^-1]_QQ m = w_Q,                  dW = -F^-1 M;
+          primal, on the kept entries K: F_KK dW_K = (F Theta)_K,  dW_Q = -w_Q  (Theta = W on Q, 0 elsewhere).
+        The dual's conditioning approaches F^-1's as Q grows to the whole layer (the global threshold removes
+        ~100% of some layers), the primal's approaches F's as K grows; each is solved where it is the smaller
+        system (PRIMAL_ABOVE), the other tried when it does not converge; `formulation` forces one. Raises
+        NotConverged when none reaches the relative residual `tol` within `max_iter` iterations."""
+        removed = self._with_bias(self._check_mask(removed, (self.shape[0], self.shape[1] - self.has_bias), "removed"))
+        Q = removed[self.live_rows][:, self.live_cols]
+        info = SolveInfo(removed=int(Q.sum()), iterations=0, residual=0.0, converged=True)
+        theta = torch.where(Q, self.W.double(), 0)
+        if theta.norm() == 0:  # nothing new removed: the update is zero (CG would divide 0 by 0)
+            return self._result(self.W, removed), info
+        if formulation is not None:
+            order = [self._check_formulation(formulation)]
+        else:
+            order = ["primal", "dual"] if info.removed > PRIMAL_ABOVE * Q.numel() else ["dual", "primal"]
+        for info.formulation in order:
+            solve = self._joint_primal if info.formulation == "primal" else self._joint_dual
+            dW, info.iterations, info.residual, info.converged = solve(Q, theta, tol, max_iter)
+            if info.converged:
+                return self._result(self.W + dW.to(self.W.dtype), removed), info
+        raise NotConverged(f"joint element update: relative residual {info.residual:.2e} after {max_iter} "
+                           f"iterations ({' and '.join(order)}), above update.tol={tol:g}")
+
+    @staticmethod
+    def _check_formulation(formulation: str) -> str:
+        if formulation not in ("primal", "dual"):
+            raise ValueError(f"formulation={formulation!r}; valid: primal, dual (None: chosen per layer)")
+        return formulation
+
+    def _joint_dual(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
+        """dW from [F^-1]_QQ m = w_Q: [F^-1]_QQ v = (G^-1 V A^-1)_Q (rank 2: K_G ((K_G^T V K_A) / S) K_A^T),
+        on the rows and columns that hold a removed entry; Jacobi diag (G^-1)_rr (A^-1)_cc."""
+        rq, cq = Q.any(1).nonzero().squeeze(1), Q.any(0).nonzero().squeeze(1)
+        Qs, b = Q[rq][:, cq], theta[rq][:, cq]
+        if self.S is None:
+            Gi, Ai = self.Ginv.double(), self.Ainv.double()
+            Gs, As = Gi[rq][:, rq], Ai[cq][:, cq]
+            apply = lambda V: torch.where(Qs, Gs @ V @ As, 0)  # noqa: E731
+        else:
+            K_G, K_A, S = self.K_G.double(), self.K_A.double(), self.S.double()
+            KGq, KAq = K_G[rq], K_A[cq]
+            apply = lambda V: torch.where(Qs, KGq @ ((KGq.T @ V @ KAq) / S) @ KAq.T, 0)  # noqa: E731
+        diag = self._inverse_diag()[rq][:, cq].double()
+        m, *stats = _pcg(apply, b, torch.where(Qs, 1 / diag, 0), tol, max_iter)
+        if self.S is None:
+            return -(Gi[:, rq] @ m @ Ai[cq]), *stats
+        return -(K_G @ ((KGq.T @ m @ KAq) / S) @ K_A.T), *stats
+
+    def _joint_primal(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
+        """dW from F_KK dW_K = (F Theta)_K on the kept entries K (F V = sum_t G_t V A_t); Jacobi diag F."""
+        K = ~Q
+        dW = -theta
+        rk, ck = K.any(1).nonzero().squeeze(1), K.any(0).nonzero().squeeze(1)
+        Ks = K[rk][:, ck]
+        terms = [(G.double(), A.double()) for G, A in self.terms]
+        b = torch.where(Ks, sum(G[rk] @ theta @ A[:, ck] for G, A in terms), 0)
+        sub = [(G[rk][:, rk], A[ck][:, ck]) for G, A in terms]
+        apply = lambda V: torch.where(Ks, sum(G @ V @ A for G, A in sub), 0)  # noqa: E731
+        diag = sum(G.diagonal()[:, None] * A.diagonal()[None, :] for G, A in sub)
+        x, *stats = _pcg(apply, b, torch.where(Ks, 1 / diag, 0), tol, max_iter)
+        dW[rk[:, None], ck] += x
+        return dW, *stats
+
     def update_elements_independent(self, removed: Tensor) -> Tensor:
         """New W after removing `removed` (R, Cw), each element's OBS update computed alone and summed
         (section 3, correlation=independent)."""
@@ -306,6 +401,31 @@ class LayerOBS:
         dW = -theta
         dW[keep_r[:, None], keep_c] = K_G @ X @ K_A.T
         return dW
+
+
+def _pcg(apply, b: Tensor, precond: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
+    """x with apply(x) = b (apply symmetric positive definite) by conjugate gradients with the diagonal
+    preconditioner `precond` (elementwise); stops at relative residual `tol` or `max_iter` iterations.
+    Returns x, the iterations, the true relative residual ||b - apply(x)|| / ||b|| and whether the
+    iteration's residual reached `tol`."""
+    b_norm = b.norm()
+    x, r = torch.zeros_like(b), b.clone()
+    if b_norm == 0:
+        return x, 0, 0.0, True
+    z = r * precond
+    p, rz = z.clone(), (r * z).sum()
+    iterations = 0
+    while iterations < max_iter and r.norm() > tol * b_norm:
+        Ap = apply(p)
+        alpha = rz / (p * Ap).sum()
+        x += alpha * p
+        r -= alpha * Ap
+        z = r * precond
+        rz, rz_old = (r * z).sum(), rz
+        p = z + (rz / rz_old) * p
+        iterations += 1
+    converged = bool(r.norm() <= tol * b_norm)
+    return x, iterations, ((b - apply(x)).norm() / b_norm).item(), converged
 
 
 def _row_groups(counts: list[int], max_correlate: int) -> list[tuple[int, int]]:

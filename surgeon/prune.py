@@ -13,10 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .curvature import estimate_curvature
-from .obs import LayerOBS
+from .obs import LayerOBS, NotConverged
 from .selection import select_nm, select_structured, select_unstructured
 
 
@@ -31,6 +32,9 @@ class ShotOptions:
     m: int = 4
     correlation: str = "layer"
     selection: str = "global"
+    solver: str = "joint"
+    tol: float = 1e-10
+    max_iter: int = 2000
     max_correlate: int = 2000
     union: str = "exact"
     rank: int = 1
@@ -47,6 +51,7 @@ class ShotOptions:
         return cls(
             method=cfg.method.name, kind=cfg.curvature.kind, structure=cfg.structure.name,
             n=cfg.structure.n, m=cfg.structure.m, correlation=cfg.correlation, selection=cfg.selection,
+            solver=cfg["update"].solver, tol=cfg["update"].tol, max_iter=cfg["update"].max_iter,
             max_correlate=cfg.max_correlate, union=cfg.union, rank=cfg.curvature.rank,
             rank2_iters=cfg.curvature.rank2_iters, damping_a=cfg.curvature.damping_a,
             damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
@@ -112,8 +117,10 @@ def _sync(device) -> None:
 
 
 def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
-               target: float, opts: ShotOptions, *, seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Prune `model` in place to overall sparsity `target`; returns seconds per phase."""
+               target: float, opts: ShotOptions, *, seed: int = 0,
+               progress: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
+    """Prune `model` in place to overall sparsity `target`; returns seconds per phase and, per layer,
+    how its joint element update was solved (empty for other updates)."""
     device = next(model.parameters()).device
     if opts.kind == "layerwise":
         from .baselines import prune_layerwise
@@ -125,7 +132,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             blocksize=opts.blocksize, percdamp=opts.percdamp, progress=progress))
         apply_masks(layers, state)
         _sync(device)
-        return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}
+        return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}, {}
 
     seconds = {}
     t0 = time.perf_counter()
@@ -165,7 +172,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    for layer in layers:
+    solves = {}
+    for layer in tqdm(layers, desc="update", leave=False, disable=not (progress and solvers)):
         solver = solvers.pop(layer.name, None)
         if solver is None:
             continue
@@ -176,10 +184,17 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             W = solver.update_rows_cols(state.rows[name], state.cols[name], mode=mode)
         elif opts.correlation == "independent":
             W = solver.update_elements_independent(state.removed[name])
-        else:
+        elif opts.solver == "grouped":
             W = solver.update_elements(state.removed[name], max_correlate=opts.max_correlate)
+        else:
+            try:
+                W, info = solver.update_elements_joint(state.removed[name], tol=opts.tol, max_iter=opts.max_iter)
+            except NotConverged as err:
+                raise NotConverged(f"layer {name}: {err}; raise update.max_iter or update.tol and rerun with "
+                                   "resume=true, or use update.solver=grouped") from None
+            solves[name] = info.as_dict()
         set_weight_with_bias(layer.module, W)
     apply_masks(layers, state)
     _sync(device)
     seconds["update"] = time.perf_counter() - t0
-    return seconds
+    return seconds, solves

@@ -55,7 +55,20 @@ def append_jsonl(path: str | Path, obj) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [upgrade(json.loads(line)) for line in f if line.strip()]
+
+
+def upgrade(record: dict) -> dict:
+    """A record written before the protocol carried `solver` (element updates were then always the
+    grouped solve) gets it, and `max_correlate` only where it meant something, as `protocol` writes them now."""
+    p = record.get("protocol")
+    if isinstance(p, dict) and "solver" not in p:
+        solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
+                  and p.get("method") not in ("sparsegpt", "wanda"))
+        p["solver"] = "grouped" if solves else None
+        if not solves:
+            p["max_correlate"] = None
+    return record
 
 
 def versions() -> dict:
@@ -104,7 +117,8 @@ def protocol(cfg, device: str) -> dict:
         "rank": cfg.curvature.rank,
         "correlation": cfg.correlation,
         "selection": cfg.selection,
-        "max_correlate": cfg.max_correlate,
+        "solver": element_solver(cfg),
+        "max_correlate": cfg.max_correlate if element_solver(cfg) == "grouped" else None,
         "union": cfg.union,
         "damping_a": cfg.curvature.damping_a,
         "damping_g": cfg.curvature.damping_g,
@@ -118,6 +132,13 @@ def protocol(cfg, device: str) -> dict:
         "device": device,
         "dtype": cfg.model.dtype,
     }
+
+
+def element_solver(cfg) -> str | None:
+    """The solver of the joint element / N:M updates, None for runs that make none (structured, OBD, layer-wise)."""
+    if cfg.structure.name == "structured" or cfg.correlation != "layer" or cfg.curvature.kind == "layerwise":
+        return None
+    return cfg["update"].solver
 
 
 # config entries that change a run's numbers beyond its protocol (eval.every: which shots have a perplexity)

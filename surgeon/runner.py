@@ -186,9 +186,11 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> 
     for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = prune_shot(model, layers, batches, state, targets[shot - 1], opts, seed=cfg.seed + shot,
-                             progress=True)
+        seconds, solves = prune_shot(model, layers, batches, state, targets[shot - 1], opts, seed=cfg.seed + shot,
+                                     progress=True)
         point = {"shot": shot, "target": targets[shot - 1]}
+        if solves:
+            point["solves"] = solves
         if cfg.lora.enabled:
             t0 = time.perf_counter()
             point["lora"] = _lora(cfg, model, layers, calib, state, shot)

@@ -6,7 +6,7 @@ takes costs from dense inv(F); it never uses the Kronecker formulas.
 import pytest
 import torch
 
-from surgeon.obs import LayerOBS, damp
+from surgeon.obs import LayerOBS, NotConverged, damp
 
 DA, DG = 0.01, 0.1
 R, CW = 5, 7
@@ -200,6 +200,90 @@ def test_element_update_nm_pattern():
         torch.testing.assert_close(got, brute_elements(d, with_bias(removed, True), mc), rtol=1e-12, atol=1e-12)
 
 
+def brute_joint(d, removed_full):
+    """The layer-joint OBS update: every removed entry of the layer in one dense KKT solve."""
+    return d.full(d.theta + d.delta(d.q_mask(removed_full)), removed_full)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_element_update_joint(case):
+    """Conjugate gradients on [F^-1]_QQ = the dense KKT solve of the whole layer (issue 14, acceptance 1)."""
+    W, A, G, gen = layer(**case)
+    removed = random_removed(W, gen, CW)
+    o, d = obs(W, A, G, case["has_bias"]), Dense(W, A, G)
+    want = brute_joint(d, with_bias(removed, case["has_bias"]))
+    for formulation in ("dual", "primal", None):
+        got, info = o.update_elements_joint(removed, formulation=formulation)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+        assert (got[:, :CW][removed] == 0).all()
+        assert info.converged and 0 < info.iterations and info.residual <= 1e-9
+        assert info.formulation == (formulation or "dual")
+    assert info.removed == int(with_bias(removed, case["has_bias"])[d.rows][:, d.cols].sum())
+    # a group that splits the layer is a different (worse) answer: the test can tell them apart
+    grouped = o.update_elements(removed, max_correlate=3)
+    assert (grouped - want).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("rank2", [False, True])
+def test_element_update_joint_most_removed(rank2):
+    """A layer almost wholly removed (the global threshold does that) is solved on the kept entries."""
+    W, A, G, gen = layer(seed=14, has_bias=False)
+    removed = torch.ones(R, CW, dtype=torch.bool)
+    removed[0, 2] = removed[3, 5] = False
+    kw = dict(A2=sym(CW, 0.15, gen), G2=sym(R, 0.15, gen)) if rank2 else {}
+    o, d = obs(W, A, G, False, **kw), Dense(W, A, G, **kw)
+    want = brute_joint(d, removed)
+    got, info = o.update_elements_joint(removed)
+    assert info.formulation == "primal"
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(o.update_elements_joint(removed, formulation="dual")[0], want, rtol=1e-8, atol=1e-8)
+
+
+def test_element_update_joint_is_the_lowest_loss():
+    """The joint update has the least quadratic loss 1/2 dθ^T F dθ of all updates that zero Q."""
+    W, A, G, gen = layer(seed=11, has_bias=True)
+    removed = random_removed(W, gen, CW)
+    o, d = obs(W, A, G, True), Dense(W, A, G)
+    full = with_bias(removed, True)
+
+    def loss(W_new):
+        dt = (W_new - W)[d.rows][:, d.cols].reshape(-1)
+        return 0.5 * dt @ d.F @ dt
+
+    joint = loss(o.update_elements_joint(removed)[0])
+    for other in (o.update_elements(removed, 1), o.update_elements(removed, 4), o.update_elements_independent(removed)):
+        assert joint < loss(other)
+    torch.testing.assert_close(joint, d.cost(d.q_mask(full)), rtol=1e-8, atol=1e-12)
+
+
+def test_element_update_joint_nothing_new_removed():
+    """w_Q = 0 (every removed entry already zero): a zero update, no NaN."""
+    W, A, G, gen = layer(seed=12, has_bias=True)
+    removed = random_removed(W, gen, CW)
+    W[:, :CW][removed] = 0
+    got, info = obs(W, A, G, True).update_elements_joint(removed)
+    assert torch.equal(got, W) and info.iterations == 0 and info.converged
+    got, info = obs(W, A, G, True).update_elements_joint(torch.zeros(R, CW, dtype=torch.bool))
+    assert torch.equal(got, W) and info.removed == 0
+
+
+def test_element_update_joint_not_converged():
+    W, A, G, gen = layer(seed=13, has_bias=True)
+    removed = random_removed(W, gen, CW)
+    with pytest.raises(NotConverged, match="update.tol"):
+        obs(W, A, G, True).update_elements_joint(removed, tol=1e-14, max_iter=2)
+    with pytest.raises(ValueError, match="valid: primal, dual"):
+        obs(W, A, G, True).update_elements_joint(removed, formulation="kkt")
+
+
+def test_element_update_joint_nm_pattern():
+    W, A, G, gen = layer(seed=5, has_bias=True, cw=8)
+    blocks = W[:, :8].abs().reshape(R, 2, 4)
+    removed = torch.zeros_like(blocks, dtype=torch.bool).scatter_(2, blocks.argsort(2)[..., :2], True).reshape(R, 8)
+    got, _ = obs(W, A, G, True).update_elements_joint(removed)
+    torch.testing.assert_close(got, brute_joint(Dense(W, A, G), with_bias(removed, True)), rtol=1e-8, atol=1e-8)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_element_update_independent(case):
     W, A, G, gen = layer(**case)
@@ -301,6 +385,8 @@ def test_rank2_matches_dense(dead):
         torch.testing.assert_close(o.update_elements(removed, mc), want, **tol)
     torch.testing.assert_close(o.update_elements_independent(removed), brute_independent(d, with_bias(removed, True)),
                                **tol)
+    torch.testing.assert_close(o.update_elements_joint(removed)[0], brute_joint(d, with_bias(removed, True)),
+                               rtol=1e-8, atol=1e-8)
 
     rm, cm, full = row_col_masks(W, True, (1, 4), (2, 5))
     _, _, full_rows = row_col_masks(W, True, (1, 4), ())
@@ -339,6 +425,8 @@ def test_rank2_shrinks_term2():
     o = obs(W, A, G, True, A2=A2, G2=G2, rank2_eps=eps)
     torch.testing.assert_close(o.update_elements(removed, 0), brute_elements(d, with_bias(removed, True), 0),
                                rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(o.update_elements_joint(removed)[0], brute_joint(d, with_bias(removed, True)),
+                               rtol=1e-8, atol=1e-8)
 
 
 def test_errors():
@@ -372,7 +460,10 @@ def test_float32_runs_and_agrees(rank2):
     rm, cm = torch.tensor([0, 1, 0, 0, 1], dtype=torch.bool), torch.tensor([1, 0, 0, 1, 0, 0, 0], dtype=torch.bool)
     for name, args in [("element_costs", ()), ("row_costs", ()), ("col_costs", ()), ("obd_element_costs", ()),
                        ("obd_row_costs", ()), ("obd_col_costs", ()), ("update_elements", (removed, 3)),
-                       ("update_elements_independent", (removed,)), ("update_rows_cols", (rm, cm))]:
+                       ("update_elements_independent", (removed,)), ("update_rows_cols", (rm, cm)),
+                       ("update_elements_joint", (removed,))]:
         got, want = getattr(o32, name)(*args), getattr(o64, name)(*args)
+        if name == "update_elements_joint":
+            (got, _), (want, _) = got, want
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
