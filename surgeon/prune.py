@@ -99,6 +99,21 @@ def apply_masks(layers: list[PrunableLayer], state: PruneState) -> None:
             layer.module.bias[state.rows[layer.name]] = 0
 
 
+class NonFiniteWeights(RuntimeError):
+    """A prunable layer holds NaN or inf: the run stops before anything is checkpointed or saved."""
+
+
+@torch.no_grad()
+def check_finite(layers: list[PrunableLayer], when: str) -> None:
+    """Raise NonFiniteWeights naming the first layer whose weight or bias is not finite."""
+    for layer in layers:
+        for tensor in (layer.module.weight, layer.module.bias):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                bad = (~torch.isfinite(tensor)).sum().item()
+                raise NonFiniteWeights(f"layer {layer.name} has {bad} non-finite weights {when}; the last "
+                                       "checkpoint holds the weights of the last good shot")
+
+
 @torch.no_grad()
 def layer_sparsity(layers: list[PrunableLayer]) -> list[float]:
     """Fraction of exactly-zero weight entries per layer (biases not counted)."""

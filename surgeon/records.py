@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import PROJECT_ROOT
+from .config import PROJECT_ROOT, shared_dir
 
 
 def now_iso() -> str:
@@ -58,10 +58,27 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [upgrade(json.loads(line)) for line in f if line.strip()]
 
 
+def portable_path(path: str) -> str:
+    """A local path inside the shared folder or the project as `shared:rel` / `project:rel`, so records
+    match on another checkout; other paths and hub names unchanged."""
+    if not Path(path).is_absolute() and not Path(path).exists():
+        return path  # a hub name, or already portable
+    resolved = Path(path).resolve()
+    for prefix, root in (("shared", shared_dir()), ("project", PROJECT_ROOT)):
+        try:
+            return f"{prefix}:{resolved.relative_to(Path(root).resolve()).as_posix()}"
+        except ValueError:
+            pass
+    return str(path)
+
+
 def upgrade(record: dict) -> dict:
-    """A record written before the protocol carried `solver` (element updates were then always the
-    grouped solve) gets it, and `max_correlate` only where it meant something, as `protocol` writes them now."""
+    """An older record in the form `protocol` writes now: portable model paths (for the checkout that
+    wrote it), and `solver` (element updates were then always the grouped solve) with `max_correlate`
+    only where it means something."""
     p = record.get("protocol")
+    if isinstance(p, dict) and isinstance(p.get("model"), str):
+        p["model"] = portable_path(p["model"])
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in ("sparsegpt", "wanda"))
@@ -104,7 +121,7 @@ def protocol(cfg, device: str) -> dict:
     """What PROTOCOL.md requires a record to carry, from the resolved config."""
     structured = cfg.structure.name
     return {
-        "model": str(cfg.model.name_or_path),
+        "model": portable_path(str(cfg.model.name_or_path)),
         "model_preset": cfg.model.name,
         "revision": cfg.model.get("revision"),
         "method": cfg.method.name,

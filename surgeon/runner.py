@@ -22,7 +22,8 @@ from . import models
 from .adapters import adapter_for, prunable_parameter_count
 from .config import ConfigError, resolve_device, to_container, validate
 from .evaluate import perplexity, window_losses
-from .prune import PruneState, ShotOptions, apply_masks, layer_sparsity, overall_sparsity, prune_shot
+from .prune import (PruneState, ShotOptions, apply_masks, check_finite, layer_sparsity, overall_sparsity,
+                    prune_shot)
 from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, protocol, same_protocol, versions,
                       write_json_atomic)
 from .schedule import shot_targets
@@ -186,6 +187,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> 
     for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        check_finite(layers, f"before shot {shot}")
         seconds, solves = prune_shot(model, layers, batches, state, targets[shot - 1], opts, seed=cfg.seed + shot,
                                      progress=True)
         point = {"shot": shot, "target": targets[shot - 1]}
@@ -195,6 +197,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> 
             t0 = time.perf_counter()
             point["lora"] = _lora(cfg, model, layers, calib, state, shot)
             seconds["lora"] = time.perf_counter() - t0
+        check_finite(layers, f"after shot {shot}")
         evaluate = shot == cfg.shots or (cfg.eval.every and shot % cfg.eval.every == 0)
         t0 = time.perf_counter()
         point["ppl"] = ppl() if evaluate else None

@@ -10,6 +10,7 @@ import torch
 
 from conftest import ROOT, compose
 from surgeon import runner
+from surgeon.prune import NonFiniteWeights
 
 # max_correlate=512: the cheapest group size for the grouped element solves on 2 CPU cores
 SMALL = ["max_correlate=512", "calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128"]
@@ -194,3 +195,28 @@ def test_lm_eval_on_pruned_model(tmp_path, shared):
     assert 0 <= task["value"] <= 1 and task["metric"] in ("acc", "acc_norm")
     assert record["lm_eval"]["dense"]["tasks"]["wikitext_mc"]["value"] >= 0
     assert record["lm_eval"]["version"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "surgeon"])
+def test_nan_weight_stops_the_run_with_the_layer_name(method, tmp_path, shared, monkeypatch):
+    """A NaN planted after shot 1's checkpoint stops shot 2 naming the layer; nothing non-finite is kept."""
+    save = runner._save_checkpoint
+    layer_name = "model.decoder.layers.1.fc1"
+
+    def save_then_plant(path, layers, state, shot, record):
+        save(path, layers, state, shot, record)
+        if shot == 1:
+            with torch.no_grad():
+                next(l for l in layers if l.name == layer_name).module.weight[3, 5] = float("nan")
+
+    monkeypatch.setattr(runner, "_save_checkpoint", save_then_plant)
+    with pytest.raises(NonFiniteWeights, match=layer_name):
+        run(tmp_path, "model=opt-tiny", f"method={method}", "structure=unstructured", "target=0.5", "shots=3",
+            "save_model=true")
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and layer_name in record["error"]
+    assert [p["shot"] for p in record["points"]] == [1]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["shot"] == 1
+    assert all(torch.isfinite(t).all() for w in ckpt["weights"].values() for t in w.values())
+    assert not (tmp_path / "run" / "model").exists()
