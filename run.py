@@ -5,7 +5,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -14,18 +17,46 @@ from omegaconf import DictConfig  # noqa: E402
 from surgeon.config import ConfigError, register_resolvers  # noqa: E402
 
 register_resolvers()
+log = logging.getLogger("surgeon")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run from its last finished shot."""
+    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["python", "run.py", *keep, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def _remove_fresh(run_dir: Path) -> None:
+    """Delete the folder Hydra made for a run that never started (no record), and its parent if left empty."""
+    if run_dir.is_dir() and not (run_dir / "record.json").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from surgeon.runner import run
+    from surgeon.runner import find_resumable, run
 
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    given_dir = any(o.startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
     try:
-        record = run(cfg, HydraConfig.get().runtime.output_dir)
+        if cfg.resume and not given_dir and HydraConfig.get().mode.name == "RUN":
+            fresh, run_dir = run_dir, find_resumable(cfg)
+            _remove_fresh(fresh)
+        record = run(cfg, run_dir, resume_hint=resume_command(run_dir))
     except ConfigError as err:
-        logging.getLogger("surgeon").error("config error: %s", err)
+        log.error("config error: %s", err)
         print(f"error: {err}", file=sys.stderr)
+        _remove_fresh(run_dir)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; resume with: {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(130)
+    except Exception:
+        print(f"failed (record in {run_dir / 'record.json'}); after fixing the cause, resume with: "
+              f"{resume_command(run_dir)}", file=sys.stderr)
+        raise
     return record["final_ppl"]  # the objective for hydra-optuna-sweeper
 
 

@@ -157,6 +157,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
 
+    _check_settings(cfg)
     if not str(cfg.device) == "auto" and not str(cfg.device).startswith(("cpu", "cuda")):
         raise ConfigError(f"device={cfg.device!r}; valid values: auto, cpu, cuda, cuda:N")
     if str(cfg.device).startswith("cuda"):
@@ -175,8 +176,72 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
                         hint = (f"; the testbed lives in ../shared or $SURGEON_SHARED (now {shared_dir()}); "
                                 f"to run the paper setting: {PAPER_SETTING}")
                     raise ConfigError(f"data.{key}={path} does not exist{hint}")
+                if Path(path).stat().st_size == 0:
+                    raise ConfigError(f"data.{key}={path} is empty")
         check_model_source(cfg)
         check_memory(cfg)
+        if cfg.eval.lm_eval.tasks:
+            _check_lm_eval_tasks(cfg)
+
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+# top-level groups whose every key is in config.yaml (presets only set them): a key outside them is a typo
+CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora")
+
+
+def _positive_int(key: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be a positive integer" + (" or null" if allow_none else ""))
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Keys not covered by the checks above: unknown keys (also when added with +), LoRA, the layer-wise
+    baselines' settings, the rank-2 iterations and the model dtype."""
+    base = OmegaConf.load(PROJECT_ROOT / "conf" / "config.yaml")
+    known = set(base) - {"defaults", "hydra"} | {"model", "data", "method", "structure", "logger"}
+    unknown = sorted(set(cfg) - known)
+    for group in CLOSED_GROUPS:
+        unknown += sorted(f"{group}.{k}" for k in _flat_keys(cfg[group]) - _flat_keys(base[group]))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; the keys are listed in conf/config.yaml "
+                          "and the README (a typo? `+key=value` adds a key, it does not check it)")
+    _one_of("model.dtype", cfg.model.get("dtype", "float32"), DTYPES)
+    _positive_int("curvature.rank2_iters", cfg.curvature.rank2_iters)
+    lora = cfg.lora
+    if not isinstance(lora.enabled, bool):
+        raise ConfigError(f"lora.enabled={lora.enabled!r} must be true or false")
+    _positive_int("lora.rank", lora.rank)
+    _positive_int("lora.steps", lora.steps, allow_none=True)
+    if not isinstance(lora.lr, (int, float)) or lora.lr <= 0:
+        raise ConfigError(f"lora.lr={lora.lr!r} must be a positive learning rate")
+    if not isinstance(lora.fraction, (int, float)) or not 0 < lora.fraction <= 1:
+        raise ConfigError(f"lora.fraction={lora.fraction!r} must be a fraction of the calibration set in (0, 1]")
+    if "blocksize" in cfg.method:
+        _positive_int("method.blocksize", cfg.method.blocksize)
+    if "percdamp" in cfg.method and (not isinstance(cfg.method.percdamp, (int, float)) or cfg.method.percdamp < 0):
+        raise ConfigError(f"method.percdamp={cfg.method.percdamp!r} must be >= 0")
+
+
+def _flat_keys(node, prefix: str = "") -> set[str]:
+    if not isinstance(node, DictConfig):
+        return set()
+    out = set()
+    for key in node:
+        out.add(prefix + str(key))
+        out |= _flat_keys(node[key], f"{prefix}{key}.")
+    return out
+
+
+def _check_lm_eval_tasks(cfg: DictConfig) -> None:
+    """Resolve eval.lm_eval.tasks in the task index now, not after all shots."""
+    from .downstream import check_task_names
+
+    try:
+        check_task_names(list(cfg.eval.lm_eval.tasks), cfg.eval.lm_eval.include_path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_memory(cfg: DictConfig) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 
 @dataclass
 class Texts:
@@ -66,7 +68,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """(n, seq_len) windows at random offsets, seeded by `calib.seed`."""
     if ids.numel() <= seq_len:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={seq_len}")
+        raise ConfigError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={seq_len}; "
+                          "use a longer text (data.calib_path) or a smaller calib.seq_len")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
@@ -78,7 +81,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     if max_windows is not None:
         n = min(n, int(max_windows))
     if n == 0:
-        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than eval.seq_len={seq_len}")
+        raise ConfigError(f"evaluation text has {ids.numel()} tokens, fewer than eval.seq_len={seq_len}; "
+                          "use a longer text (data.eval_path) or a smaller eval.seq_len")
     return ids[: n * seq_len].view(n, seq_len)
 
 

@@ -38,11 +38,7 @@ def run_lm_eval(
     device: moves the model there (in place) first; None evaluates it where it is.
     lm-eval puts the model in eval mode and reseeds python, numpy and torch.
     """
-    if include_path is None:
-        task_manager = TaskManager()
-    else:
-        task_manager = TaskManager(include_path=include_path, include_defaults=False)
-    _check_task_names(tasks, task_manager, include_path)
+    task_manager = check_task_names(tasks, include_path)
 
     if device is not None:
         model.to(device)
@@ -66,12 +62,17 @@ def run_lm_eval(
     }
 
 
-def _check_task_names(tasks: list[str], task_manager: TaskManager, include_path: str | None):
-    """Refuse unknown task names before any model work, with close matches to choose from."""
+def check_task_names(tasks: list[str], include_path: str | None) -> TaskManager:
+    """The task index (only `include_path`'s tasks when given); a ValueError for unknown task names,
+    with close matches to choose from."""
+    if include_path is None:
+        task_manager = TaskManager()
+    else:
+        task_manager = TaskManager(include_path=include_path, include_defaults=False)
     known = task_manager.all_tasks
     unknown = [t for t in tasks if t not in known]
     if not unknown:
-        return
+        return task_manager
     where = f"the task folder {include_path!r}" if include_path else "lm-eval's task index"
     close = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3)})
     raise ValueError(
@@ -80,6 +81,7 @@ def _check_task_names(tasks: list[str], task_manager: TaskManager, include_path:
         + ". `lm-eval ls tasks` lists lm-eval's own tasks; "
         "local task YAMLs need their folder as include_path."
     )
+    return task_manager
 
 
 def _task_record(metrics: dict, version, num_fewshot) -> dict:

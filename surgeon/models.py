@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 
 
-def load_model(cfg, device: torch.device):
-    """Model in `model.dtype` (float32 for curvature) on `device`, in eval mode, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(cfg):
+    """The model's tokenizer (cheap: loaded first, so that the data are checked before the model loads)."""
+    from transformers import AutoTokenizer
 
-    name = str(cfg.model.name_or_path)
-    revision = cfg.model.get("revision")
-    dtype = getattr(torch, cfg.model.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype)
+    return AutoTokenizer.from_pretrained(str(cfg.model.name_or_path), revision=cfg.model.get("revision"))
+
+
+def load_model(cfg, device: torch.device):
+    """Model in `model.dtype` (float32 for curvature) on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.name_or_path), revision=cfg.model.get("revision"),
+                                                 dtype=getattr(torch, cfg.model.dtype))
     model.config.use_cache = False
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()

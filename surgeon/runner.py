@@ -7,10 +7,13 @@ interrupted run resume from its last finished shot.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import resource
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +27,8 @@ from .config import ConfigError, resolve_device, to_container, validate
 from .evaluate import perplexity, window_losses
 from .prune import (PruneState, ShotOptions, apply_masks, check_finite, layer_sparsity, overall_sparsity,
                     prune_shot)
-from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, protocol, same_protocol, versions,
-                      write_json_atomic)
+from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, protocol, same_protocol, upgrade,
+                      versions, write_json_atomic)
 from .schedule import shot_targets
 
 log = logging.getLogger("surgeon")
@@ -95,14 +98,39 @@ def summary_table(record: dict) -> str:
     for p in record["points"]:
         ppl = f"{p['ppl']:>10.3f}" if p["ppl"] is not None else f"{'-':>10}"
         lines.append(f"{p['shot']:>4} {p['target']:>7.4f} {p['sparsity']:>8.4f} {ppl} {sum(p['seconds'].values()):>8.1f}")
+    lm = record.get("lm_eval") or {}
+    for task, result in lm.get("tasks", {}).items():
+        dense = lm.get("dense", {}).get("tasks", {}).get(task)
+        lines.append(f"lm-eval {task} {result['metric']}: " + (f"dense {dense['value']:.4f}, " if dense else "")
+                     + f"final {result['value']:.4f}")
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run one pruning job; returns its record (also in run_dir/record.json and cfg.results)."""
+def find_resumable(cfg: DictConfig, roots=("outputs", "multirun")) -> Path:
+    """The newest run folder under `roots` holding a checkpoint of an unfinished run with this protocol
+    (`resume=true` without hydra.run.dir), or a ConfigError saying which folder to give."""
+    new = protocol(cfg, str(resolve_device(cfg.device)))
+    found = []
+    for root in map(Path, roots):
+        for record_path in root.glob("**/" + RECORD) if root.is_dir() else ():
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if (record.get("status") != "complete" and (record_path.parent / CHECKPOINT).exists()
+                    and same_protocol(upgrade(record).get("protocol", {}), new)):
+                found.append((record.get("started") or "", record_path.parent))
+    if not found:
+        raise ConfigError(f"resume=true: no unfinished run with these settings under {', '.join(roots)}; "
+                          "name its folder: resume=true hydra.run.dir=<run directory>")
+    return max(found)[1]
+
+
+def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) -> dict:
+    """Run one pruning job; returns its record (also in run_dir/record.json and cfg.results).
+    `resume_hint`, the command that resumes this run, is printed with the run directory at start."""
     validate(cfg)  # before anything heavy: a bad input never loads a model
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     if cfg.skip_done and not cfg.resume:
         done = find_complete(cfg, str(device))
@@ -110,6 +138,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             log.info("skip_done: %s already holds complete run %s with this protocol (final ppl %s); not rerun",
                      cfg.results, done["run_id"], done["final_ppl"])
             return done
+    data = prepare_data(cfg)  # data too short for the windows fails here, before any output
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"run directory: {run_dir}" + (f"\nto resume if interrupted: {resume_hint}" if resume_hint else ""),
+          file=sys.stderr, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ckpt = _load_checkpoint(run_dir / CHECKPOINT, cfg, device) if cfg.resume else None
@@ -126,9 +158,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     write_json_atomic(record_path, record)
     wandb = _make_logger(cfg, run_dir)
     try:
-        record = _run(cfg, run_dir, device, record, ckpt, wandb)
+        record = _run(cfg, run_dir, device, record, ckpt, wandb, data)
     except BaseException as err:
-        record.update(status="failed", finished=now_iso(), error=f"{type(err).__name__}: {err}")
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        record.update(status=status, finished=now_iso(), error=f"{type(err).__name__}: {err}")
         write_json_atomic(record_path, record)
         if wandb:
             wandb.finish(exit_code=1)
@@ -139,20 +172,34 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     return record
 
 
-def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> dict:
+@dataclass
+class Data:
+    tokenizer: object
+    calib: torch.Tensor         # (calib.n, calib.seq_len) calibration windows
+    batches: list[torch.Tensor]
+    eval_windows: torch.Tensor  # (windows, eval.seq_len)
+
+
+def prepare_data(cfg) -> Data:
+    """Tokenizer, calibration batches and evaluation windows (section 2 data; PROTOCOL.md windows)."""
+    tokenizer = models.load_tokenizer(cfg)
+    texts = data_mod.load_texts(cfg.data)
+    calib = data_mod.calibration_windows(data_mod.tokenize(tokenizer, texts.calib), cfg.calib.n, cfg.calib.seq_len,
+                                         cfg.calib.seed)
+    eval_w = data_mod.eval_windows(data_mod.tokenize(tokenizer, texts.eval), cfg.eval.seq_len, cfg.eval.max_windows)
+    return Data(tokenizer, calib, data_mod.batches(calib, cfg.calib.batch_size), eval_w)
+
+
+def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, data: Data) -> dict:
     record_path = run_dir / RECORD
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model, tokenizer = models.load_model(cfg, device)
+    tokenizer, calib, batches, eval_w = data.tokenizer, data.calib, data.batches, data.eval_windows
+    model = models.load_model(cfg, device)
     layers = adapter_for(model.config.model_type).layers(model)
-    texts = data_mod.load_texts(cfg.data)
-    calib = data_mod.calibration_windows(data_mod.tokenize(tokenizer, texts.calib), cfg.calib.n, cfg.calib.seq_len,
-                                         cfg.calib.seed)
-    batches = data_mod.batches(calib, cfg.calib.batch_size)
-    eval_w = data_mod.eval_windows(data_mod.tokenize(tokenizer, texts.eval), cfg.eval.seq_len, cfg.eval.max_windows)
     record["protocol"]["eval"]["windows"] = eval_w.shape[0]
     record["protocol"]["prunable_params"] = prunable_parameter_count(layers)
     record["layers"] = [{"name": l.name, "type": l.type, "block": l.block, "shape": list(l.shape), "sparsity": 0.0}
@@ -169,7 +216,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb) -> 
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = ckpt["shot"] + 1
-        log.info("resuming %s from shot %d", run_dir, start)
+        log.info("resuming %s after shot %d (its checkpoint): shots %d..%d", run_dir, ckpt["shot"], start, cfg.shots)
     else:
         state = PruneState.empty(layers)
         start = 1

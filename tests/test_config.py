@@ -86,20 +86,41 @@ def test_hub_model_offline_says_so(monkeypatch, shared):
         validate(compose(["model=opt-125m"]))
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["target=1.5"], "target=1.5"),
-    (["model=nonexistent"], "model"),
-    (["no_such_key=1"], "no_such_key"),
-    (["model=opt-125m"], "offline"),
+@pytest.mark.parametrize("args,expect,code", [
+    (["target=1.5"], "target=1.5", 2),
+    (["model=nonexistent"], "model", 1),
+    (["no_such_key=1"], "no_such_key", 1),
+    (["+shot=3"], "unknown config key(s) shot", 2),
+    (["+curvature.damping=0.1"], "curvature.damping", 2),
+    (["lora.enabled=true", "lora.rank=0"], "lora.rank=0", 2),
+    (["model.dtype=int8"], "model.dtype", 2),
+    (["curvature.rank2_iters=0"], "curvature.rank2_iters", 2),
+    (["method=sparsegpt", "structure=unstructured", "target=0.5", "shots=1", "method.percdamp=-1"], "method.percdamp", 2),
+    (["update.tol=2"], "update.tol", 2),
+    (["calib.seq_len=100000000"], "calib.seq_len", 2),
+    (["eval.lm_eval.tasks=[no_such_task]", f"eval.lm_eval.include_path={ROOT}/tests/lm_eval_tasks"], "no_such_task", 2),
+    (["model=opt-125m"], "offline", 2),
 ])
-def test_cli_bad_input_exits_nonzero(args, expect, tmp_path, shared):
-    env_run_dir = f"hydra.run.dir={tmp_path}/run"
+def test_cli_bad_input_exits_nonzero(args, expect, code, tmp_path, shared):
+    """Exit code 2 with one line naming the key for every bad value (Hydra's own errors: 1), no output folder."""
+    env_run_dir = f"hydra.run.dir={tmp_path}/out/run"
     proc = subprocess.run([sys.executable, "run.py", env_run_dir, f"results={tmp_path}/r.jsonl", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode != 0
+    assert proc.returncode == code, proc.stderr
     assert expect in proc.stderr + proc.stdout
+    if code == 2:
+        assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == \
+            [proc.stderr.strip().splitlines()[-1]]
     assert not (tmp_path / "r.jsonl").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_calibration_file_is_refused(tmp_path, shared):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="data.calib_path=.*is empty"):
+        validate(compose(["data=text", f"data.calib_path={empty}", f"data.eval_path={empty}"]))
 
 
 def test_without_shared_the_error_says_how_to_run_the_paper_setting(tmp_path):

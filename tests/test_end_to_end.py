@@ -1,5 +1,6 @@
 """The real pipeline on the testbed models at small settings: records carry the right values."""
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -220,3 +221,37 @@ def test_nan_weight_stops_the_run_with_the_layer_name(method, tmp_path, shared, 
     assert ckpt["shot"] == 1
     assert all(torch.isfinite(t).all() for w in ckpt["weights"].values() for t in w.values())
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_ctrl_c_prints_the_resume_command_which_finishes_the_run(tmp_path, shared):
+    """SIGINT mid-run: one line with the resume command, record `interrupted`; the command finishes the run
+    with the perplexity of an uninterrupted run."""
+    args = [*SMALL, "model=opt-tiny", "structure=structured", "target=0.3", "shots=3", f"results={tmp_path}/r.jsonl"]
+    full = run(tmp_path, *args[len(SMALL):], name="full")
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = len(json.loads((run_dir / "record.json").read_text())["points"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            done = 0
+        if done >= 1 and (run_dir / "checkpoint.pt").exists():
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted; resume with: python run.py") and f"hydra.run.dir={run_dir}" in last
+    assert json.loads((run_dir / "record.json").read_text())["status"] == "interrupted"
+    assert oct((run_dir / "record.json").stat().st_mode & 0o777) == "0o644"
+
+    command = shlex.split(last.split("resume with: ", 1)[1])
+    proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads((run_dir / "record.json").read_text())
+    assert resumed["status"] == "complete" and resumed["resumed_from_shot"] >= 1
+    assert resumed["final_ppl"] == pytest.approx(full["final_ppl"], rel=1e-6)
