@@ -129,3 +129,30 @@ def test_without_shared_the_error_says_how_to_run_the_paper_setting(tmp_path):
                           text=True, timeout=120, env=env)
     assert proc.returncode != 0
     assert "model=opt-125m data=wikitext2" in proc.stderr
+
+
+def test_resume_without_a_folder_finds_the_newest_unfinished_run(tmp_path, shared):
+    """resume=true alone: the newest unfinished run with the same settings, or an error naming what to give."""
+    from surgeon.records import protocol
+    from surgeon.runner import find_resumable
+
+    cfg = compose(["resume=true"])
+    other = compose(["resume=true", "target=0.4"])
+
+    def fake_run(name, cfg, status, started, checkpoint=True):
+        run_dir = tmp_path / "outputs" / name
+        run_dir.mkdir(parents=True)
+        record = {"status": status, "started": started, "protocol": protocol(cfg, "cpu")}
+        (run_dir / "record.json").write_text(__import__("json").dumps(record))
+        if checkpoint:
+            (run_dir / "checkpoint.pt").write_bytes(b"")
+        return run_dir
+
+    with pytest.raises(ConfigError, match="hydra.run.dir=<run directory>"):
+        find_resumable(cfg, roots=(str(tmp_path / "outputs"),))
+    fake_run("a", cfg, "interrupted", "2026-01-01T00:00:00Z")
+    newest = fake_run("b", cfg, "failed", "2026-01-02T00:00:00Z")
+    fake_run("c", cfg, "complete", "2026-01-03T00:00:00Z")
+    fake_run("d", cfg, "interrupted", "2026-01-04T00:00:00Z", checkpoint=False)
+    fake_run("e", other, "interrupted", "2026-01-05T00:00:00Z")
+    assert find_resumable(cfg, roots=(str(tmp_path / "outputs"),)) == newest

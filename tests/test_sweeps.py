@@ -77,6 +77,9 @@ def test_two_job_local_multirun(tmp_path, shared):
     assert sorted(r["protocol"]["shots"] for r in lines) == [1, 2]
     assert all(r["status"] == "complete" for r in lines)
     assert len({r["run_id"] for r in lines}) == 2
+    summary = proc.stdout[proc.stdout.index("multirun summary"):].splitlines()
+    assert len(summary) == 4 and summary[2].split()[-1] == "shots=1" and summary[3].split()[-1] == "shots=2"
+    assert all(line.split()[1] == "complete" for line in summary[2:])
 
 
 def test_sweep_presets_compose_from_any_working_directory(tmp_path):
