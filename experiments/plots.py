@@ -86,6 +86,16 @@ def size_series(records: list[dict]) -> dict[str, dict[str, dict[str, list[tuple
     return series
 
 
+def _line_styles(labels: list[str]) -> tuple[dict, dict]:
+    """A distinct (colour, line style) per series: 10 colours, 20 beyond ten series, then dashed variants."""
+    from matplotlib import colormaps
+
+    palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [colormaps["tab20"](i) for i in range(20)]
+    colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    styles = {label: ("-", "--", "-.", ":")[i // len(palette) % 4] for i, label in enumerate(labels)}
+    return colours, styles
+
+
 def plot_ppl_vs_size(records: list[dict], path) -> Path:
     """Perplexity (log scale) against model size (1 - sparsity): a row of panels per structure, a panel per
     model, a line per method variant (colours shared along a row, the legend to its right)."""
@@ -94,13 +104,9 @@ def plot_ppl_vs_size(records: list[dict], path) -> Path:
     dense = _dense_ppls(records)
     rows, cols = max(len(series), 1), max(len(models), 1)
     figure = _figure(figsize=(4.5 * cols + 3.5, 3.6 * rows), layout="constrained")
-    from matplotlib import colormaps  # after _figure has said what to install
     axes = figure.subplots(rows, cols, squeeze=False)
     for row, (structure, by_model) in zip(axes, series.items()):
-        labels = list(dict.fromkeys(label for own in by_model.values() for label in own))
-        palette = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [colormaps["tab20"](i) for i in range(20)]
-        colours = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
-        styles = {label: ("-", "--", "-.")[i // len(palette) % 3] for i, label in enumerate(labels)}
+        colours, styles = _line_styles(list(dict.fromkeys(label for own in by_model.values() for label in own)))
         for ax, model in zip(row, models):
             for label, points in by_model.get(model, {}).items():
                 sizes, ppls = zip(*points)
@@ -154,14 +160,13 @@ def plot_ppl_vs_shots(records: list[dict], path) -> Path | None:
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
     axes = figure.subplots(len(series), len(models), squeeze=False)
     for row, ((structure, sparsity), by_model) in zip(axes, series.items()):
-        labels = list(dict.fromkeys(label for own in by_model.values() for label in own))
-        colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+        colours, styles = _line_styles(list(dict.fromkeys(label for own in by_model.values() for label in own)))
         for ax, model in zip(row, models):
             shot_counts = set()
             for label, points in by_model.get(model, {}).items():
                 shots, ppls = zip(*points)
                 shot_counts.update(shots)
-                ax.plot(shots, ppls, "-o", color=colours[label], label=label, markersize=3)
+                ax.plot(shots, ppls, styles[label], marker="o", color=colours[label], label=label, markersize=3)
             _perplexity_axis(ax, dense.get(model))
             ax.set_xscale("log")
             ax.xaxis.set_major_locator(FixedLocator(sorted(shot_counts) or [1]))

@@ -106,13 +106,15 @@ class WandbLogger:
                                   for layer in record["layers"]])
         self.run.log({"allocation": table,
                       "allocation_bar": wandb.plot.bar(table, "name", "sparsity", title="sparsity per layer")})
-        try:
-            from experiments.plots import plot_allocation
-            figure = plot_allocation(record, Path(self.run.dir) / "allocation_by_depth.png")
-        except ImportError as err:  # matplotlib (or the experiments package) is optional here
-            warnings.warn(f"allocation figure not logged to W&B: {err}")
-            return
-        self.run.log({"allocation_by_depth": wandb.Image(str(figure))})
+        # remaining fraction per layer type against block depth, as a native W&B chart (no plotting library)
+        series = {}
+        for layer in record["layers"]:
+            series.setdefault(layer["type"], []).append((layer["block"], 1 - layer["sparsity"]))
+        lines = {kind: sorted(points) for kind, points in series.items()}
+        self.run.log({"allocation_by_depth": wandb.plot.line_series(
+            xs=[[b for b, _ in points] for points in lines.values()],
+            ys=[[k for _, k in points] for points in lines.values()],
+            keys=list(lines), title="remaining fraction per layer type by block", xname="block")})
 
     @_never_raises
     def finish(self, exit_code: int = 0) -> None:

@@ -1,5 +1,4 @@
 """W&B logging: one offline run with a realistic record, failures that never raise, mode fallback."""
-import importlib.util
 import json
 import time
 
@@ -63,7 +62,7 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
     assert summary["lm_eval/piqa/acc"] == 0.41 and summary["lm_eval_dense/piqa/acc"] == 0.6
 
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
-    [table_file] = (run_dir / "files" / "media" / "table").glob("allocation_*.table.json")
+    [table_file] = (run_dir / "files" / "media" / "table").glob("allocation_[0-9]*.table.json")
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["name", "type", "block", "shape", "sparsity"]
     expected = [[l["name"], l["type"], l["block"], "x".join(map(str, l["shape"])), l["sparsity"]]
@@ -72,13 +71,12 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
     for row, want in zip(table["data"], expected):
         assert row[:4] == want[:4] and row[4] == pytest.approx(want[4])
     [wandb_file] = run_dir.glob("*.wandb")
-    keys = (b"layer_sparsity/model.decoder.layers.3.fc2", b"seconds/curvature", b"peak_memory_mb", b"allocation_bar")
+    keys = (b"layer_sparsity/model.decoder.layers.3.fc2", b"seconds/curvature", b"peak_memory_mb", b"allocation_bar",
+            b"allocation_by_depth")
     deadline = time.monotonic() + 30
     while not all(k in wandb_file.read_bytes() for k in keys) and time.monotonic() < deadline:
         time.sleep(0.2)  # W&B's service writes the run file asynchronously, after finish() returns
     assert [k for k in keys if k not in wandb_file.read_bytes()] == []
-    if importlib.util.find_spec("matplotlib") is not None:
-        assert list((run_dir / "files" / "media" / "images").glob("allocation_by_depth_*.png"))
 
 
 def test_failing_wandb_init_never_raises_and_online_without_key_falls_back(tmp_path, monkeypatch):
