@@ -1,4 +1,4 @@
-"""Layer-wise baselines (ALGORITHM.md section 7): SparseGPT and Wanda.
+"""Layer-wise baselines (docs/algorithm.md section 7): SparseGPT and Wanda.
 
 Both give every layer the same sparsity and prune one decoder block at a time, from the
 inputs that reach it through the blocks already pruned. W here is the weight matrix
@@ -118,7 +118,7 @@ def sparsegpt_update_fixed_mask(W: Tensor, H: Tensor, removed: Tensor, *, blocks
 
 def sparsegpt_layer(W: Tensor, H: Tensor, removed_before: Tensor | None, *, sparsity: float, n: int = 0,
                     m: int = 0, blocksize: int = 128, percdamp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Frantar & Alistarh Alg. 1 (ALGORITHM.md sec. 7): prune W (R, Cw) given H = X X^T (Cw, Cw).
+    """Frantar & Alistarh Alg. 1 (docs/algorithm.md sec. 7): prune W (R, Cw) given H = X X^T (Cw, Cw).
 
     Unstructured: exactly max(round(sparsity * numel), already removed) entries, chosen per
     column block by OBS saliency; N:M (n kept of every m inputs, `sparsity` ignored): chosen
@@ -156,13 +156,13 @@ def sparsegpt_layer(W: Tensor, H: Tensor, removed_before: Tensor | None, *, spar
 
 
 def wanda_scores(W: Tensor, x_norm: Tensor) -> Tensor:
-    """Sun et al. 2023 (ALGORITHM.md sec. 7): |W_rc| * ||x_c||, the norm over all calibration tokens."""
+    """Sun et al. 2023 (docs/algorithm.md sec. 7): |W_rc| * ||x_c||, the norm over all calibration tokens."""
     return W.abs() * x_norm[None, :]
 
 
 def wanda_layer(W: Tensor, x_norm: Tensor, removed_before: Tensor | None, *, sparsity: float, n: int = 0,
                 m: int = 0) -> tuple[Tensor, Tensor]:
-    """Sun et al. 2023 (ALGORITHM.md sec. 7): remove the lowest `wanda_scores` within each output row.
+    """Sun et al. 2023 (docs/algorithm.md sec. 7): remove the lowest `wanda_scores` within each output row.
 
     Unstructured: each row loses max(round(sparsity * Cw), already removed in it) entries;
     N:M (n kept of every m inputs, `sparsity` ignored). No update of the kept weights.
@@ -248,7 +248,7 @@ def _input_statistics(method: str, block: nn.Module, layers: list[PrunableLayer]
 def prune_layerwise(model: nn.Module, layers: list[PrunableLayer], batches: list[Tensor], *, method: str,
                     sparsity: float, n: int = 0, m: int = 0, removed: dict[str, Tensor] | None = None,
                     blocksize: int = 128, percdamp: float = 0.01, progress: bool = False) -> dict[str, Tensor]:
-    """SparseGPT or Wanda through a model, block by block (ALGORITHM.md sec. 7), in place.
+    """SparseGPT or Wanda through a model, block by block (docs/algorithm.md sec. 7), in place.
 
     Every layer of a block is pruned from the statistics of the same (dense-block) inputs;
     the block's outputs after pruning become the next block's inputs. `removed` holds

@@ -1,4 +1,4 @@
-"""Curvature estimation (ALGORITHM.md section 2): per-layer Kronecker factors F ~ G (x) A.
+"""Curvature estimation (docs/algorithm.md section 2): per-layer Kronecker factors F ~ G (x) A.
 
 Hooks on every prunable Linear collect, per token, the layer input a (with a trailing 1
 when the Linear has a bias) and the output gradient g, as batched matmuls over the

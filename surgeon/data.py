@@ -1,4 +1,4 @@
-"""Calibration and evaluation data (shared/docs/PROTOCOL.md).
+"""Calibration and evaluation data (docs/protocol.md).
 
 Calibration: `calib.n` windows of `calib.seq_len` tokens at seeded random offsets of the
 training text, tokenised once. Evaluation: non-overlapping windows of `eval.seq_len`

@@ -1,6 +1,6 @@
 """Downstream zero-shot accuracy of the in-memory (pruned) model through lm-eval.
 
-PROTOCOL.md "Downstream": the record carries the lm-eval version, each task's name and
+docs/protocol.md "Downstream": the record carries the lm-eval version, each task's name and
 version, which metric was read (acc_norm or acc) and num_fewshot.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Interleaved low-rank first-order updates between shots (ALGORITHM.md section 6).
+"""Interleaved low-rank first-order updates between shots (docs/algorithm.md section 6).
 
 After a shot the gradient is no longer zero, so the quadratic model misses a first-order
 term. Rank-r adapters are trained briefly on calibration data and merged into W through

@@ -1,6 +1,6 @@
 """Optimal Brain Surgeon costs and updates under a Kronecker-factored Fisher.
 
-ALGORITHM.md sections 2 and 3. A layer's W is (R, C), vec(W) row-major, F ~ G (x) A
+docs/algorithm.md sections 2 and 3. A layer's W is (R, C), vec(W) row-major, F ~ G (x) A
 (RK=1) or G1 (x) A1 + G2 (x) A2 (RK=2). With a bias, the last column of W is the bias:
 it is never removed on its own, and a removed row takes it along. All work happens on
 the live sub-factors; dead rows and columns cost 0 and are never updated.
@@ -230,7 +230,7 @@ class LayerOBS:
 
     def row_costs(self) -> Tensor:
         """(R,) OBS costs w_r^T A_d w_r / (2 [G_d^-1]_rr) of removing whole rows, bias included (section 3)."""
-        if self.undamped_numerators:  # official code's variant (ALGORITHM.md Decision)
+        if self.undamped_numerators:  # official code's variant (docs/algorithm.md Decision)
             quad = ((self.W @ self.A_raw) * self.W).sum(1) / self.Ginv.diagonal()
         else:
             quad = (self._row_precision(self.W) * self.W).sum(1)

@@ -1,4 +1,4 @@
-"""One pruning loop for every method (ALGORITHM.md section 5).
+"""One pruning loop for every method (docs/algorithm.md section 5).
 
 A shot: re-estimate the curvature on the current model, compute the cost of every
 structure in every layer, pick what to remove with one global threshold, update the

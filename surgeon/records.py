@@ -119,7 +119,7 @@ def git_commit() -> str | None:
 
 
 def protocol(cfg, device: str) -> dict:
-    """What PROTOCOL.md requires a record to carry, from the resolved config."""
+    """What docs/protocol.md requires a record to carry, from the resolved config."""
     structured = cfg.structure.name
     return {
         "model": portable_path(str(cfg.model.name_or_path)),

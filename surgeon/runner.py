@@ -181,7 +181,7 @@ class Data:
 
 
 def prepare_data(cfg) -> Data:
-    """Tokenizer, calibration batches and evaluation windows (section 2 data; PROTOCOL.md windows)."""
+    """Tokenizer, calibration batches and evaluation windows (section 2 data; docs/protocol.md windows)."""
     tokenizer = models.load_tokenizer(cfg)
     texts = data_mod.load_texts(cfg.data)
     calib = data_mod.calibration_windows(data_mod.tokenize(tokenizer, texts.calib), cfg.calib.n, cfg.calib.seq_len,

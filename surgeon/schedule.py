@@ -1,4 +1,4 @@
-"""Multi-shot schedule: the sparsity target s_t of every shot (ALGORITHM.md section 5)."""
+"""Multi-shot schedule: the sparsity target s_t of every shot (docs/algorithm.md section 5)."""
 from __future__ import annotations
 
 SCHEDULES = ("linear", "exponential", "cubic")

@@ -1,4 +1,4 @@
-"""Choosing what to remove: one global threshold over all prunable layers (ALGORITHM.md section 4).
+"""Choosing what to remove: one global threshold over all prunable layers (docs/algorithm.md section 4).
 
 Every function takes dicts keyed by layer name and returns boolean "removed" masks that
 contain the already-removed masks (masks are nested across shots). Already-removed

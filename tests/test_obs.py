@@ -1,4 +1,4 @@
-"""surgeon.obs against brute-force OBS on the dense F (ALGORITHM.md section 8).
+"""surgeon.obs against brute-force OBS on the dense F (docs/algorithm.md section 8).
 
 The reference solves min 1/2 dθ^T F dθ s.t. (θ + dθ)_Q = 0 by a dense KKT system and
 takes costs from dense inv(F); it never uses the Kronecker formulas.
