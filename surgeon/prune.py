@@ -134,8 +134,9 @@ def _sync(device) -> None:
 def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
                target: float, opts: ShotOptions, *, seed: int = 0,
                progress: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
-    """Prune `model` in place to overall sparsity `target`; returns seconds per phase and, per layer,
-    how its joint element update was solved (empty for other updates)."""
+    """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
+    keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
+    Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none."""
     device = next(model.parameters()).device
     if opts.kind == "layerwise":
         from .baselines import prune_layerwise
@@ -159,6 +160,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     t0 = time.perf_counter()
     obd = opts.correlation == "none"
     solvers: dict[str, LayerOBS] = {}
+    beta: dict[str, float] = {}
     costs, row_costs, col_costs = {}, {}, {}
     for layer in layers:
         f = factors.pop(layer.name)
@@ -170,6 +172,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             col_costs[layer.name] = solver.obd_col_costs() if obd else solver.col_costs()
         else:
             costs[layer.name] = solver.obd_element_costs() if obd else solver.element_costs()
+        if opts.rank == 2:
+            beta[layer.name] = solver.beta
         if not obd:
             solvers[layer.name] = solver
     uniform = opts.selection == "uniform"
@@ -212,4 +216,4 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     apply_masks(layers, state)
     _sync(device)
     seconds["update"] = time.perf_counter() - t0
-    return seconds, solves
+    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value}

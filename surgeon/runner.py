@@ -235,11 +235,9 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         check_finite(layers, f"before shot {shot}")
-        seconds, solves = prune_shot(model, layers, batches, state, targets[shot - 1], opts, seed=cfg.seed + shot,
-                                     progress=True)
-        point = {"shot": shot, "target": targets[shot - 1]}
-        if solves:
-            point["solves"] = solves
+        seconds, solver_info = prune_shot(model, layers, batches, state, targets[shot - 1], opts,
+                                          seed=cfg.seed + shot, progress=True)
+        point = {"shot": shot, "target": targets[shot - 1], **solver_info}
         if cfg.lora.enabled:
             t0 = time.perf_counter()
             point["lora"] = _lora(cfg, model, layers, calib, state, shot)

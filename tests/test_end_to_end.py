@@ -103,6 +103,16 @@ def test_variants_run_end_to_end(overrides, tmp_path, shared):
     check_record(record, target, 2, n_layers=24, tol=tol)
     if "selection=uniform" in overrides:
         assert all(abs(l["sparsity"] - 0.5) < 1e-4 for l in record["layers"])
+    names = [l["name"] for l in record["layers"]]
+    for p in record["points"]:
+        if "curvature.rank=2" in overrides:  # the record keeps the shrink factor of term 2
+            assert list(p["beta"]) == names and all(0 < b <= 1 for b in p["beta"].values())
+        else:
+            assert "beta" not in p
+        if "structure=structured" in overrides or "correlation=independent" in overrides:
+            assert "solves" not in p
+        else:  # joint element updates: how each layer was solved
+            assert list(p["solves"]) == names and all(s["converged"] for s in p["solves"].values())
 
 
 def test_lora_drops_calibration_loss_and_keeps_zeros(tmp_path, shared):

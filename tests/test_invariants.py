@@ -56,7 +56,7 @@ def numel(layers):
 # --- the dense reference of one shot ------------------------------------------------------------
 
 def damped(M, lam):
-    """M + lam * mean(diag M) * I, written out (ALGORITHM.md section 2)."""
+    """M + lam * mean(diag M) * I, written out (docs/algorithm.md section 2)."""
     return M + lam * M.trace() / len(M) * torch.eye(len(M), dtype=M.dtype)
 
 
