@@ -126,6 +126,20 @@ def test_lora_drops_calibration_loss_and_keeps_zeros(tmp_path, shared):
     assert zeros / sum(l.module.weight.numel() for l in layers) == pytest.approx(0.5, abs=1e-5)
 
 
+def signal_after_shots(proc, run_dir, shots: int, sig) -> None:
+    """Send `sig` to a running `python run.py` once its record shows `shots` finished shots and a checkpoint."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = len(json.loads((run_dir / "record.json").read_text())["points"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            done = 0
+        if done >= shots and (run_dir / "checkpoint.pt").exists():
+            proc.send_signal(sig)
+            return
+        time.sleep(0.05)
+
+
 def test_resume_after_kill_continues_from_last_finished_shot(tmp_path, shared):
     """Kill a real `python run.py` after its third of six shots; resume=true finishes it."""
     args = [*SMALL, "model=opt-tiny", "structure=structured", "target=0.5", "shots=6", "eval.every=3",
@@ -135,16 +149,7 @@ def test_resume_after_kill_continues_from_last_finished_shot(tmp_path, shared):
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            ckpt_shots = len(json.loads((run_dir / "record.json").read_text())["points"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            ckpt_shots = 0
-        if ckpt_shots >= 3 and (run_dir / "checkpoint.pt").exists():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
+    signal_after_shots(proc, run_dir, 3, signal.SIGKILL)
     proc.wait(timeout=60)
     killed = json.loads((run_dir / "record.json").read_text())
     assert killed["status"] == "running" and 3 <= len(killed["points"]) < 6, "the run was not killed mid-way"
@@ -241,16 +246,7 @@ def test_ctrl_c_prints_the_resume_command_which_finishes_the_run(tmp_path, share
     run_dir = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = len(json.loads((run_dir / "record.json").read_text())["points"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            done = 0
-        if done >= 1 and (run_dir / "checkpoint.pt").exists():
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
+    signal_after_shots(proc, run_dir, 1, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
