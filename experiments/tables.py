@@ -133,6 +133,7 @@ def _method_key(record: dict, varying: dict[str, list[str]]) -> tuple:
 
 
 def _row_label(method: str, variants: tuple) -> str:
+    variants = tuple((f, v) for f, v in variants if v is not None)  # None: the setting does not apply to this run
     if not variants:
         return method_name(method)
     return f"{method_name(method)} ({', '.join(f'{f}={_format_setting(v)}' for f, v in variants)})"
