@@ -118,7 +118,8 @@ def _check_gguf(cfg: DictConfig, path: str) -> None:
                           f"install it with: {_install_line(cfg)}")
     if _is_local(path) and not (Path(path) / gguf_file).is_file() and not Path(gguf_file).is_file():
         found = sorted(p.name for p in Path(path).glob("*.gguf"))
-        raise ConfigError(f"model.gguf_file={gguf_file} is not in {path}; GGUF files there: {', '.join(found) or 'none'}")
+        raise ConfigError(f"model.gguf_file={gguf_file} is not in {path}; "
+                          f"GGUF files there: {', '.join(found) or 'none'}")
 
 
 def check_model_source(cfg: DictConfig) -> str:

