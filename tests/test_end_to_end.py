@@ -195,7 +195,7 @@ def test_wandb_offline_run_holds_the_per_layer_table(tmp_path, shared, monkeypat
     record = run(tmp_path, "model=opt-tiny", "structure=structured", "target=0.3", "shots=2", "logger=wandb",
                  "eval.every=1")
     assert record["status"] == "complete"
-    tables = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/**/*.table.json"))
+    tables = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/table/**/allocation_[0-9]*.table.json"))
     assert tables, "no W&B table written"
     table = json.loads(tables[0].read_text())
     assert len(table["data"]) == 24
