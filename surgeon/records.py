@@ -76,10 +76,21 @@ def portable_path(path: str) -> str:
     return str(path)
 
 
+def portable_config(node):
+    """The resolved config with every absolute path inside the shared folder or the project made portable."""
+    if isinstance(node, dict):
+        return {k: portable_config(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [portable_config(v) for v in node]
+    return portable_path(node) if isinstance(node, str) and node.startswith("/") else node
+
+
 def upgrade(record: dict) -> dict:
     """An older record in the form `protocol` writes now: portable model paths (for the checkout that
     wrote it), and `solver` (element updates were then always the grouped solve) with `max_correlate`
     only where it means something."""
+    if isinstance(record.get("config"), dict):
+        record["config"] = portable_config(record["config"])
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])

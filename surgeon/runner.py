@@ -27,8 +27,8 @@ from .config import ConfigError, resolve_device, to_container, validate
 from .evaluate import perplexity, window_losses
 from .prune import (PruneState, ShotOptions, apply_masks, check_finite, layer_sparsity, overall_sparsity,
                     prune_shot)
-from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, protocol, same_protocol, upgrade,
-                      versions, write_json_atomic)
+from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, portable_config, protocol,
+                      same_protocol, upgrade, versions, write_json_atomic)
 from .schedule import shot_targets
 
 log = logging.getLogger("surgeon")
@@ -148,12 +148,12 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
 
     record = ckpt["record"] if ckpt else {
         "run_id": new_run_id(), "status": "running", "started": now_iso(), "finished": None,
-        "resumed_from_shot": None, "config": to_container(cfg), "protocol": protocol(cfg, str(device)),
+        "resumed_from_shot": None, "config": portable_config(to_container(cfg)), "protocol": protocol(cfg, str(device)),
         "dense_ppl": None, "final_ppl": None, "sparsity": None, "points": [], "layers": [], "lm_eval": None,
         "versions": versions(), "git_commit": git_commit(), "model_dir": None, "error": None,
     }
     if ckpt:
-        record.update(status="running", resumed_from_shot=ckpt["shot"], config=to_container(cfg))
+        record.update(status="running", resumed_from_shot=ckpt["shot"], config=portable_config(to_container(cfg)))
     record_path = run_dir / RECORD
     write_json_atomic(record_path, record)
     wandb = _make_logger(cfg, run_dir)
