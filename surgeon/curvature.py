@@ -27,10 +27,21 @@ RANKS = (1, 2)
 class Factors:
     """One layer's undamped curvature F ~ G (x) A [+ G2 (x) A2], vec(W) row-major (section 2)."""
 
-    A: Tensor  # (C, C) inputs; bias folded in as a trailing constant-1 input
-    G: Tensor  # (R, R) output gradients
+    A: Tensor  # (C, C) inputs; bias folded in as a trailing constant-1 input; (C,) when diagonal
+    G: Tensor  # (R, R) output gradients; (R,) when diagonal
     A2: Tensor | None = None  # rank-2 second term: symmetric, generally indefinite
     G2: Tensor | None = None
+
+    @property
+    def diagonal(self) -> bool:
+        """The magnitude and L-OBD curvatures are diagonal and kept as vectors, never as C x C matrices."""
+        return self.A.dim() == 1
+
+    def dense(self) -> "Factors":
+        """The same factors as matrices (for an OBS solver, which needs them whole)."""
+        if not self.diagonal:
+            return self
+        return Factors(A=torch.diag(self.A), G=torch.diag(self.G), A2=self.A2, G2=self.G2)
 
 
 def sequence_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -82,6 +93,8 @@ class _LayerStats:
         self.A2: Tensor | None = None
         self.G2: Tensor | None = None
         self.S: Tensor | None = None  # running half-step sum_t (b_t^T X b_t) c_t c_t^T
+        # the layer that reads the same input (q/k/v, gate/up) and accumulates the A both share
+        self.a_owner: _LayerStats | None = None
 
     def _add(self, name: str, value: Tensor) -> None:
         current = getattr(self, name)
@@ -96,9 +109,10 @@ class _LayerStats:
             X = with_bias_input(X, self.bias)
             self.n += X.shape[0]
             if mode == "diag":
-                self._add("A", (X * X).sum(dim=0))
+                if self.a_owner is None:
+                    self._add("A", (X * X).sum(dim=0))
                 return
-            if mode.startswith("kfac"):
+            if mode.startswith("kfac") and self.a_owner is None:
                 self._add("A", X.T @ X)
             if mode.endswith("g2"):
                 output.register_hook(self._g_hook(mode, ((X @ self.A2) * X).sum(dim=1, keepdim=True)))
@@ -175,21 +189,16 @@ def estimate_curvature(
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     stats = {layer.name: _LayerStats(layer, dtype) for layer in layers}
 
+    ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731 - the diagonal of I
     if kind == "identity":
-        return {
-            s.layer.name: Factors(
-                A=torch.eye(s.layer.module.in_features + s.bias, dtype=dtype, device=device),
-                G=torch.eye(s.layer.module.out_features, dtype=dtype, device=device),
-            )
-            for s in stats.values()
-        }
+        return {s.layer.name: Factors(A=ones(s.layer.module.in_features + s.bias), G=ones(s.layer.module.out_features))
+                for s in stats.values()}
 
+    _share_inputs(model, stats, batches[0].to(device))
     if kind == "diag_a":
         _run_pass(model, stats, batches, "diag", fisher, seed, device, progress)
-        return {
-            name: Factors(A=torch.diag(s.A / s.n), G=torch.eye(s.layer.module.out_features, dtype=dtype, device=device))
-            for name, s in stats.items()
-        }
+        _alias_shared(stats, lambda s: s.A / s.n)
+        return {name: Factors(A=s.A, G=ones(s.layer.module.out_features)) for name, s in stats.items()}
 
     if rank == 2:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -198,11 +207,45 @@ def estimate_curvature(
             X = torch.randn(C, C, generator=generator, device=device, dtype=dtype)
             s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
     _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress)
+    _alias_shared(stats, lambda s: s.A / s.n)
     for s in stats.values():
-        s.A, s.G = s.A / s.n, s.G / s.n
+        s.G = s.G / s.n
     if rank == 2:
         _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters)
     return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2) for name, s in stats.items()}
+
+
+def _share_inputs(model: nn.Module, stats: dict[str, _LayerStats], input_ids: Tensor) -> None:
+    """Find the layers that read the very same input tensor as the layer called just before them (q/k/v,
+    gate/up) with one short forward, and let them share that layer's A: accumulated once, stored once."""
+    last: list = [None, None]  # the previous hooked layer's input tensor and its A's owner
+    handles = []
+
+    def probe(s: _LayerStats):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            x, owner = last
+            s.a_owner = owner if inputs[0] is x and owner.bias == s.bias else None
+            last[:] = inputs[0], s.a_owner or s
+
+        return hook
+
+    try:
+        handles = [s.layer.module.register_forward_hook(probe(s)) for s in stats.values()]
+        with torch.no_grad():
+            model(input_ids=input_ids[:1, : min(8, input_ids.shape[1])], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _alias_shared(stats: dict[str, _LayerStats], finish) -> None:
+    """Owners' accumulated A -> finish(A); sharing layers point at their owner's tensor."""
+    for s in stats.values():
+        if s.a_owner is None:
+            s.A = finish(s)
+    for s in stats.values():
+        if s.a_owner is not None:
+            s.A = s.a_owner.A
 
 
 def _rank2_iterations(

@@ -403,6 +403,71 @@ class LayerOBS:
         return dW
 
 
+class LayerOBD:
+    """OBD costs of one layer (section 3, correlation=none) from its damped factors' diagonals, and for rows and
+    columns the damped factors themselves: nothing is inverted. The same numbers as LayerOBS's obd_* costs at
+    Kronecker rank 1; factors may be vectors (the diagonal curvatures of magnitude and L-OBD)."""
+
+    def __init__(self, W, A, G, *, damping_a, damping_g, has_bias):
+        R, C = W.shape
+        if A.shape[0] != C or G.shape[0] != R:
+            raise ValueError(f"W is {R}x{C}: A must be {C} wide and G {R}, got {tuple(A.shape)} and {tuple(G.shape)}")
+        for M, name in ((A, "A"), (G, "G")):
+            if not torch.isfinite(M).all():
+                raise ValueError(f"curvature factor {name} must be finite (NaN or inf found)")
+        diag = lambda M: M if M.dim() == 1 else M.diagonal()  # noqa: E731
+        nonzero = W != 0
+        self.shape, self.has_bias = (R, C), has_bias
+        self.live_rows = (nonzero.any(1) & (diag(G) > 0)).nonzero().squeeze(1)
+        self.live_cols = (nonzero.any(0) & (diag(A) > 0)).nonzero().squeeze(1)
+        self.W = W[self.live_rows][:, self.live_cols]
+        self.A1 = self._damp(A, self.live_cols, damping_a, W.dtype)
+        self.G1 = self._damp(G, self.live_rows, damping_g, W.dtype)
+
+    @staticmethod
+    def _damp(M: Tensor, idx: Tensor, lam: float, dtype: torch.dtype) -> Tensor:
+        """The damped live sub-factor (section 2), a vector when M is one."""
+        if M.dim() == 2:
+            return damp(_sub(M, idx, dtype), lam)
+        d = M[idx].to(dtype)
+        return d + lam * d.mean() if len(d) else d
+
+    _full, _weights = LayerOBS._full, LayerOBS._weights
+
+    @staticmethod
+    def _diag(M: Tensor) -> Tensor:
+        return M if M.dim() == 1 else M.diagonal()
+
+    def _quad_rows(self, X: Tensor) -> Tensor:
+        """x_r^T A1 x_r for every row."""
+        if self.A1.dim() == 1:
+            return (X * self.A1 * X).sum(1)
+        return ((X @ self.A1) * X).sum(1)
+
+    def _quad_cols(self, X: Tensor) -> Tensor:
+        """x_c^T G1 x_c for every column."""
+        if self.G1.dim() == 1:
+            return (self.G1[:, None] * X * X).sum(0)
+        return ((self.G1 @ X) * X).sum(0)
+
+    def obd_element_costs(self) -> Tensor:
+        """(R, Cw) 1/2 W_rc^2 F_(rc)(rc)."""
+        F_diag = self._diag(self.G1)[:, None] * self._diag(self.A1)[None, :]
+        return self._weights(self._full(self.W**2 * F_diag / 2))
+
+    def obd_row_costs(self) -> Tensor:
+        """(R,) 1/2 G_rr w_r^T A w_r, bias included."""
+        out = self.W.new_zeros(self.shape[0])
+        out[self.live_rows] = self._diag(self.G1) * self._quad_rows(self.W) / 2
+        return out
+
+    def obd_col_costs(self) -> Tensor:
+        """(Cw,) 1/2 A_cc w_c^T G w_c."""
+        out = self.W.new_zeros(self.shape[1])
+        out[self.live_cols] = self._diag(self.A1) * self._quad_cols(self.W) / 2
+        return self._weights(out)
+
+
 def _pcg(apply, b: Tensor, precond: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
     """x with apply(x) = b (apply symmetric positive definite) by conjugate gradients with the diagonal
     preconditioner `precond` (elementwise); stops at relative residual `tol` or `max_iter` iterations.

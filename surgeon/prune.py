@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .curvature import estimate_curvature
-from .obs import LayerOBS, NotConverged
+from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import select_nm, select_structured, select_unstructured
 
 
@@ -126,6 +126,30 @@ def overall_sparsity(layers: list[PrunableLayer]) -> float:
     return zeros / sum(layer.module.weight.numel() for layer in layers)
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the OBS algebra: at least float32 (a bfloat16/float16 model's weights are read into float32 and
+    written back in the model's dtype); a float64 model stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _solver(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS:
+    """The layer's OBS solver under its damped factors (section 3)."""
+    W = weight_with_bias(layer.module)
+    f = f.dense()
+    return LayerOBS(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
+                    has_bias=layer.module.bias is not None, A2=f.A2, G2=f.G2,
+                    undamped_numerators=opts.undamped_numerators)
+
+
+def _scorer(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS | LayerOBD:
+    """What computes the layer's costs: OBD at Kronecker rank 1 needs no inverse (LayerOBD), the rest a solver."""
+    if opts.correlation == "none" and f.A2 is None:
+        W = weight_with_bias(layer.module)
+        return LayerOBD(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
+                        has_bias=layer.module.bias is not None)
+    return _solver(layer, f, opts)
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -157,25 +181,24 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     _sync(device)
     seconds["curvature"] = time.perf_counter() - t0
 
+    # Costs layer by layer: each layer's solver lives only while its costs are computed, so the shot never
+    # holds more than the model, the factors, the costs and one solver (section 5, memory).
     t0 = time.perf_counter()
     obd = opts.correlation == "none"
-    solvers: dict[str, LayerOBS] = {}
     beta: dict[str, float] = {}
     costs, row_costs, col_costs = {}, {}, {}
     for layer in layers:
-        f = factors.pop(layer.name)
-        solver = LayerOBS(weight_with_bias(layer.module), f.A, f.G, damping_a=opts.damping_a,
-                          damping_g=opts.damping_g, has_bias=layer.module.bias is not None, A2=f.A2, G2=f.G2,
-                          undamped_numerators=opts.undamped_numerators)
+        scorer = _scorer(layer, factors[layer.name], opts)
         if opts.structure == "structured":
-            row_costs[layer.name] = solver.obd_row_costs() if obd else solver.row_costs()
-            col_costs[layer.name] = solver.obd_col_costs() if obd else solver.col_costs()
+            row_costs[layer.name] = scorer.obd_row_costs() if obd else scorer.row_costs()
+            col_costs[layer.name] = scorer.obd_col_costs() if obd else scorer.col_costs()
         else:
-            costs[layer.name] = solver.obd_element_costs() if obd else solver.element_costs()
+            costs[layer.name] = scorer.obd_element_costs() if obd else scorer.element_costs()
         if opts.rank == 2:
-            beta[layer.name] = solver.beta
-        if not obd:
-            solvers[layer.name] = solver
+            beta[layer.name] = scorer.beta
+        del scorer
+    if obd:
+        factors.clear()  # no update: the factors are done
     uniform = opts.selection == "uniform"
     if opts.structure == "structured":
         rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
@@ -187,16 +210,18 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         state.removed.update(select_nm(costs, state.removed, target, opts.n, opts.m, uniform=uniform))
     else:
         state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform))
+    del costs, row_costs, col_costs
     _sync(device)
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     solves = {}
-    for layer in tqdm(layers, desc="update", leave=False, disable=not (progress and solvers)):
-        solver = solvers.pop(layer.name, None)
-        if solver is None:
+    for layer in tqdm(layers, desc="update", leave=False, disable=not (progress and factors)):
+        if obd:
             continue
         name = layer.name
+        # rebuilt from the factors (the layer's weights have not changed since its costs): one solver at a time
+        solver = _solver(layer, factors.pop(name), opts)
         if opts.structure == "structured":
             mode = "independent" if opts.correlation == "independent" else ("union" if opts.union == "exact"
                                                                             else "additive")
@@ -213,6 +238,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                                    "resume=true, or use update.solver=grouped") from None
             solves[name] = info.as_dict()
         set_weight_with_bias(layer.module, W)
+        del solver, W
     apply_masks(layers, state)
     _sync(device)
     seconds["update"] = time.perf_counter() - t0

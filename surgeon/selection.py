@@ -41,21 +41,57 @@ def _common_dtype(tensors) -> torch.dtype:
     return dtype
 
 
+def _order_keys(c: Tensor) -> Tensor:
+    """Integers ordered like the float values of `c` (IEEE bits, negatives flipped; -0.0 counted as +0.0), so that
+    an exact k-th smallest value can be found by bisection over integers."""
+    c = c + 0.0  # -0.0 -> +0.0: the two compare equal, as in a sort
+    if c.dtype == torch.float64:
+        bits, flip = c.view(torch.int64), 0x7FFFFFFFFFFFFFFF
+    elif c.dtype == torch.float32:
+        bits, flip = c.view(torch.int32), 0x7FFFFFFF
+    else:
+        raise ValueError(f"costs must be float32 or float64, got {c.dtype}")
+    return torch.where(bits < 0, bits ^ flip, bits).long()
+
+
 def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int) -> dict[str, Tensor]:
-    """Removed masks plus the cheapest free entries, so that `count` entries are removed in all."""
-    device = next(iter(costs.values())).device
+    """Removed masks plus the cheapest free entries, so that `count` entries are removed in all.
+
+    The same choice as one stable sort of all free costs concatenated in layer order (ties go to the earlier
+    layer, then the earlier row-major index), found without building that tensor: the k-th smallest cost is
+    found by bisection over the integers that order the floats, counting layer by layer, so the extra memory
+    is that of one layer at a time."""
     dtype = _common_dtype(costs.values())
-    free = [costs[name][~removed[name]].to(device, dtype) for name in costs]
-    n_free = [len(f) for f in free]
-    n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free)))
-    order = torch.sort(torch.cat(free), stable=True).indices
-    chosen = torch.zeros(sum(n_free), dtype=torch.bool, device=device)
-    chosen[order[:n_new]] = True
-    out = {}
-    for name, part in zip(costs, chosen.split(n_free)):
-        mask = removed[name].clone()
-        mask[~removed[name]] = part.to(mask.device)
-        out[name] = mask
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float64
+    keys = lambda name: _order_keys(costs[name].to(dtype))[~removed[name]]  # noqa: E731 - one layer at a time
+    n_free = {name: int((~removed[name]).sum()) for name in costs}
+    n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free.values())))
+    out = {name: removed[name].clone() for name in costs}
+    if n_new == 0:
+        return out
+    if n_new == sum(n_free.values()):
+        return {name: torch.ones_like(m) for name, m in removed.items()}
+    # smallest key k with #{free keys <= k} >= n_new; every count is an integer, so 64 halvings are exact
+    lo, hi = None, None
+    for name in costs:
+        k = keys(name)
+        if len(k):
+            lo = int(k.min()) if lo is None else min(lo, int(k.min()))
+            hi = int(k.max()) if hi is None else max(hi, int(k.max()))
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        if sum(int((keys(name) <= mid).sum()) for name in costs) >= n_new:
+            hi = mid
+        else:
+            lo = mid + 1
+    ties_left = n_new - sum(int((keys(name) < lo).sum()) for name in costs)
+    for name in costs:
+        k = keys(name)
+        tie = k == lo
+        take = (k < lo) | (tie & (tie.cumsum(0) <= ties_left))
+        ties_left -= int(tie.sum().clamp(max=max(ties_left, 0)))
+        out[name][~removed[name]] = take.to(out[name].device)
     return out
 
 

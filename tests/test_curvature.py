@@ -132,10 +132,32 @@ def test_diag_a_and_identity_kinds(setup):
     for layer in layers:
         a, _ = vectors[layer.name]
         R, C = layer.module.out_features, a.shape[1]
-        torch.testing.assert_close(diag[layer.name].A, torch.diag((a * a).mean(0)), rtol=1e-10, atol=1e-12)
-        assert torch.equal(diag[layer.name].G, torch.eye(R, dtype=torch.float64))
-        assert torch.equal(ident[layer.name].A, torch.eye(C, dtype=torch.float64))
-        assert torch.equal(ident[layer.name].G, torch.eye(R, dtype=torch.float64))
+        # diagonal curvatures are kept as their diagonals, never as C x C matrices
+        torch.testing.assert_close(diag[layer.name].A, (a * a).mean(0), rtol=1e-10, atol=1e-12)
+        assert torch.equal(diag[layer.name].G, torch.ones(R, dtype=torch.float64))
+        assert torch.equal(ident[layer.name].A, torch.ones(C, dtype=torch.float64))
+        assert torch.equal(ident[layer.name].G, torch.ones(R, dtype=torch.float64))
+        assert torch.equal(ident[layer.name].dense().A, torch.eye(C, dtype=torch.float64))
+        assert torch.equal(diag[layer.name].dense().G, torch.eye(R, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "diag_a"])
+def test_layers_reading_one_input_share_one_A(setup, kind):
+    """q/k/v (and Llama's gate/up) read the same tensor: their A is accumulated once and stored once, and
+    equals what each layer's own inputs give."""
+    model, layers, ids, vectors = setup
+    factors = estimate_curvature(model, layers, list(ids.split(2)), kind=kind)
+    groups = {}
+    for layer in layers:
+        groups.setdefault(factors[layer.name].A.data_ptr(), []).append(layer.type)
+        a, _ = vectors[layer.name]
+        expected = (a * a).mean(0) if kind == "diag_a" else a.T @ a / len(a)
+        torch.testing.assert_close(factors[layer.name].A, expected, rtol=1e-10, atol=1e-12)
+    shared = sorted(sorted(types) for types in groups.values() if len(types) > 1)
+    if model.config.model_type == "opt":
+        assert shared == [["k", "q", "v"]] * 2
+    else:
+        assert shared == [["gate", "up"]] * 2 + [["k", "q", "v"]] * 2
 
 
 def test_sampled_fisher_is_seeded_and_differs_from_empirical(setup):

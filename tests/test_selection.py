@@ -337,3 +337,39 @@ def test_structured_errors():
     bad["b"] = torch.zeros(9, dtype=torch.bool)
     with pytest.raises(ValueError, match="'b'"):
         select_structured(row_costs, col_costs, no_masks(row_costs), bad, 0.5)
+
+
+def concat_sort_selection(costs, removed, count_):
+    """The selection before the memory-lean one: one stable sort of every free cost concatenated."""
+    free = [costs[n][~removed[n]].double() for n in costs]
+    sizes = [len(f) for f in free]
+    n_new = max(0, min(count_ - count(removed), sum(sizes)))
+    chosen = torch.zeros(sum(sizes), dtype=torch.bool)
+    chosen[torch.sort(torch.cat(free), stable=True).indices[:n_new]] = True
+    out = {}
+    for n, part in zip(costs, chosen.split(sizes)):
+        out[n] = removed[n].clone()
+        out[n][~removed[n]] = part
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_selection_equals_one_sort_of_all_costs(seed, dtype):
+    """The bisection over per-layer costs picks exactly what one sort of all costs picks, with heavy ties,
+    negative costs, -0.0 against +0.0, infinities and masks already set."""
+    from surgeon.selection import _remove_cheapest
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a": (7, 16), "b": (13, 8), "c": (4, 32), "d": (1, 5)}
+    costs = {n: (torch.randint(-3, 4, s, generator=g).to(dtype) / 4) for n, s in shapes.items()}
+    costs["a"][0, :3] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
+    costs["b"][1, 1] = math.inf
+    costs["c"][2, 2] = -math.inf
+    costs["d"] = torch.rand(shapes["d"], generator=g, dtype=dtype) * 1e-30
+    removed = random_masks(costs, 0.3, seed)
+    total = sum(c.numel() for c in costs.values())
+    for k in (0, count(removed), count(removed) + 1, total // 2, total - 1, total, total + 5):
+        lean, reference = _remove_cheapest(costs, removed, k), concat_sort_selection(costs, removed, k)
+        for n in costs:
+            assert torch.equal(lean[n], reference[n]), (k, n)
