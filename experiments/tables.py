@@ -42,6 +42,8 @@ VARIANTS = {
     "max_correlate": ("protocol", "max_correlate"),
     "union": ("protocol", "union"),
     "lora": ("protocol", "lora"),
+    "dtype": ("protocol", "dtype"),
+    "precision": ("protocol", "precision"),
 }
 
 # The protocol settings summarised under each table: group -> (label, path in the protocol)

@@ -20,6 +20,7 @@ CURVATURE_KINDS = ("kfac", "diag_a", "identity", "layerwise")
 FISHERS = ("empirical", "sampled")
 UNIONS = ("exact", "additive")
 SOLVERS = ("joint", "grouped")
+PRECISIONS = ("fp32", "tf32", "bf16")
 LAYERWISE_METHODS = ("sparsegpt", "wanda")
 PAPER_SETTING = "python run.py model=opt-125m data=wikitext2"
 
@@ -163,6 +164,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     _one_of("union", cfg.union, UNIONS)
     _one_of("curvature.kind", cfg.curvature.kind, CURVATURE_KINDS)
     _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
+    _one_of("curvature.precision", cfg.curvature.precision, PRECISIONS)
     _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
     _one_of("logger", cfg.logger.name, ("none", "wandb"))
 

@@ -9,6 +9,7 @@ alternating power iteration, one pass over the batches per half-step, never form
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from surgeon.adapters import PrunableLayer
 FISHERS = ("empirical", "sampled")
 KINDS = ("kfac", "diag_a", "identity")
 RANKS = (1, 2)
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -105,23 +107,28 @@ class _LayerStats:
         and the G2 half-step from A2), 'g2' or 'a2' (one rank-2 half-step)."""
 
         def hook(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            X = inputs[0].detach().reshape(-1, module.in_features).to(self.dtype)
-            X = with_bias_input(X, self.bias)
-            self.n += X.shape[0]
-            if mode == "diag":
-                if self.a_owner is None:
-                    self._add("A", (X * X).sum(dim=0))
-                return
-            if mode.startswith("kfac") and self.a_owner is None:
-                self._add("A", X.T @ X)
-            if mode.endswith("g2"):
-                output.register_hook(self._g_hook(mode, ((X @ self.A2) * X).sum(dim=1, keepdim=True)))
-            elif mode == "a2":
-                output.register_hook(self._a2_hook(X))
-            else:
-                output.register_hook(self._g_hook(mode, None))
+            with torch.autocast(output.device.type, enabled=False):  # statistics in float32 under a bf16 pass
+                self._forward(mode, module, inputs, output)
 
         return hook
+
+    def _forward(self, mode: str, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        """The forward half of the hook (see forward_hook)."""
+        X = inputs[0].detach().reshape(-1, module.in_features).to(self.dtype)
+        X = with_bias_input(X, self.bias)
+        self.n += X.shape[0]
+        if mode == "diag":
+            if self.a_owner is None:
+                self._add("A", (X * X).sum(dim=0))
+            return
+        if mode.startswith("kfac") and self.a_owner is None:
+            self._add("A", X.T @ X)
+        if mode.endswith("g2"):
+            output.register_hook(self._g_hook(mode, ((X @ self.A2) * X).sum(dim=1, keepdim=True)))
+        elif mode == "a2":
+            output.register_hook(self._a2_hook(X))
+        else:
+            output.register_hook(self._g_hook(mode, None))
 
     def _g_hook(self, mode: str, w: Tensor | None):
         """Backward hook: G and/or the G2 half-step, whose token weights w = a^T A2 a came from the forward."""
@@ -156,6 +163,7 @@ def estimate_curvature(
     rank2_iters: int = 3,
     seed: int = 0,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Factors]:
     """KFAC factors of every layer from one forward+backward per batch (section 2; RK=2 term).
 
@@ -168,7 +176,8 @@ def estimate_curvature(
     the residual per-token Fisher, by alternating power iteration: the first G2 half-step,
     from a seeded random symmetric A2, rides along the KFAC pass, then `rank2_iters` more
     passes over `batches` each make one half-step (A2, G2, A2, ...). Factors are float64 for a float64 model,
-    float32 otherwise, on the model's device. The model's requires_grad flags and
+    float32 otherwise, on the model's device; `precision` is that of the passes' matmuls ("fp32"; "tf32": TF32 on
+    CUDA; "bf16": autocast), the statistics are accumulated in float32 whatever it is. The model's requires_grad flags and
     train/eval mode are restored and all hooks removed on exit.
     """
     if rank not in RANKS:
@@ -181,6 +190,8 @@ def estimate_curvature(
         raise ValueError(f"curvature.rank=2 needs curvature.kind='kfac', got '{kind}'")
     if rank2_iters < 1:
         raise ValueError(f"curvature.rank2_iters={rank2_iters} must be >= 1")
+    if precision not in PRECISIONS:
+        raise ValueError(f"curvature.precision='{precision}' is not supported; valid values: {list(PRECISIONS)}")
     if not batches and kind != "identity":
         raise ValueError("estimate_curvature needs at least one calibration batch")
 
@@ -196,7 +207,7 @@ def estimate_curvature(
 
     _share_inputs(model, stats, batches[0].to(device))
     if kind == "diag_a":
-        _run_pass(model, stats, batches, "diag", fisher, seed, device, progress)
+        _run_pass(model, stats, batches, "diag", fisher, seed, device, progress, precision)
         _alias_shared(stats, lambda s: s.A / s.n)
         return {name: Factors(A=s.A, G=ones(s.layer.module.out_features)) for name, s in stats.items()}
 
@@ -206,12 +217,12 @@ def estimate_curvature(
             C = s.layer.module.in_features + s.bias
             X = torch.randn(C, C, generator=generator, device=device, dtype=dtype)
             s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
-    _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress)
+    _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress, precision)
     _alias_shared(stats, lambda s: s.A / s.n)
     for s in stats.values():
         s.G = s.G / s.n
     if rank == 2:
-        _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters)
+        _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters, precision)
     return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2) for name, s in stats.items()}
 
 
@@ -257,6 +268,7 @@ def _rank2_iterations(
     device: torch.device,
     progress: bool,
     rank2_iters: int,
+    precision: str,
 ) -> None:
     """Half-steps G2 <- R(A2) (accumulated in the KFAC pass), A2 <- R^T(G2), G2 <- R(A2), ...
 
@@ -276,7 +288,7 @@ def _rank2_iterations(
         if step == rank2_iters:
             return
         side = "a2" if side == "g2" else "g2"
-        _run_pass(model, stats, batches, side, fisher, seed, device, progress)
+        _run_pass(model, stats, batches, side, fisher, seed, device, progress, precision)
 
 
 def _normalise(M: Tensor, other: Tensor, last: bool) -> tuple[Tensor, Tensor]:
@@ -289,6 +301,22 @@ def _normalise(M: Tensor, other: Tensor, last: bool) -> tuple[Tensor, Tensor]:
     return M / norm.sqrt(), other * norm.sqrt()
 
 
+@contextlib.contextmanager
+def forward_precision(precision: str, device: torch.device):
+    """Matmuls of a calibration forward in `precision`: "fp32" (TF32 off), "tf32" (CUDA TF32 matmuls and
+    convolutions), "bf16" (autocast to bfloat16); the TF32 flags are restored on exit."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def _run_pass(
     model: nn.Module,
     stats: dict[str, _LayerStats],
@@ -298,6 +326,7 @@ def _run_pass(
     seed: int,
     device: torch.device,
     progress: bool,
+    precision: str = "fp32",
 ) -> None:
     """One forward (+ backward unless mode == 'diag') per batch with every layer's hook in `mode`."""
     requires_grad = [p.requires_grad for p in model.parameters()]
@@ -325,11 +354,12 @@ def _run_pass(
         for input_ids in tqdm(batches, desc=f"curvature ({mode})", disable=not progress):
             input_ids = input_ids.to(device)
             if mode == "diag":
-                with torch.no_grad():
+                with torch.no_grad(), forward_precision(precision, device):
                     model(input_ids=input_ids, use_cache=False)
                 continue
             leaves.clear()
-            logits = model(input_ids=input_ids, use_cache=False).logits
+            with forward_precision(precision, device):  # the backward follows the forward's dtypes
+                logits = model(input_ids=input_ids, use_cache=False).logits
             targets = input_ids[:, 1:]
             if fisher == "sampled":
                 scores = logits[:, :-1].detach().to(torch.promote_types(logits.dtype, torch.float32))

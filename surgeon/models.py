@@ -35,7 +35,9 @@ def load_model(cfg, device: torch.device):
         # dequantize=True: dense float weights, never GGUF blocks (with the `kernels` package transformers keeps
         # supported architectures packed); transformers then also drops its quantizer after loading
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), **kwargs)
+    # attention through scaled_dot_product_attention (its memory-efficient kernels on CUDA)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
+                                                 **kwargs)
     drop_gguf_quantization(model)
     model.config.use_cache = False
     return model.to(device).eval()

@@ -45,6 +45,7 @@ class ShotOptions:
     undamped_numerators: bool = False
     blocksize: int = 128
     percdamp: float = 0.01
+    precision: str = "fp32"
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -57,6 +58,7 @@ class ShotOptions:
             damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
             undamped_numerators=cfg.curvature.undamped_numerators,
             blocksize=cfg.method.get("blocksize", 128), percdamp=cfg.method.get("percdamp", 0.01),
+            precision=cfg.curvature.precision,
         )
 
 
@@ -177,7 +179,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     seconds = {}
     t0 = time.perf_counter()
     factors = estimate_curvature(model, layers, batches, fisher=opts.fisher, rank=opts.rank, kind=opts.kind,
-                                 rank2_iters=opts.rank2_iters, seed=seed, progress=progress)
+                                 rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
+                                 precision=opts.precision)
     _sync(device)
     seconds["curvature"] = time.perf_counter() - t0
 

@@ -87,13 +87,17 @@ def portable_config(node):
 
 def upgrade(record: dict) -> dict:
     """An older record in the form `protocol` writes now: portable model paths (for the checkout that
-    wrote it), and `solver` (element updates were then always the grouped solve) with `max_correlate`
+    wrote it), `precision` (calibration passes were float32), and `solver` (element updates were then always the grouped solve) with `max_correlate`
     only where it means something."""
     if isinstance(record.get("config"), dict):
         record["config"] = portable_config(record["config"])
+        if isinstance(record["config"].get("curvature"), dict):  # before curvature.precision, passes were fp32
+            record["config"]["curvature"].setdefault("precision", "fp32")
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
+    if isinstance(p, dict):
+        p.setdefault("precision", "fp32")
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in ("sparsegpt", "wanda"))
@@ -161,6 +165,7 @@ def protocol(cfg, device: str) -> dict:
         "damping_a": cfg.curvature.damping_a,
         "damping_g": cfg.curvature.damping_g,
         "fisher": cfg.curvature.fisher,
+        "precision": cfg.curvature.precision,
         "lora": bool(cfg.lora.enabled),
         "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
                   "seed": cfg.calib.seed},

@@ -273,3 +273,31 @@ def test_rank2_of_a_fully_pruned_layer_is_zero_not_nan():
         assert torch.isfinite(f.A2).all() and torch.isfinite(f.G2).all()
     # zeroing q and k makes attention uniform: no gradient flows into either
     assert torch.count_nonzero(factors[layers[0].name].G2) == 0
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_pass_precision_changes_matmuls_not_statistics(setup, precision):
+    """bf16 autocast changes the factors by bfloat16 rounding only (statistics stay float32); tf32 is a no-op off
+    CUDA; both leave the TF32 flags as they were."""
+    model, layers, ids, _ = setup
+    model = model.float()
+    layers = adapter_for(model.config.model_type).layers(model)
+    batches = list(ids.split(3))
+    flags = torch.backends.cuda.matmul.allow_tf32
+    exact = estimate_curvature(model, layers, batches)
+    fast = estimate_curvature(model, layers, batches, precision=precision)
+    assert torch.backends.cuda.matmul.allow_tf32 == flags
+    changed = []
+    for layer in layers:
+        for key in ("A", "G"):
+            got, want = getattr(fast[layer.name], key), getattr(exact[layer.name], key)
+            assert got.dtype == torch.float32
+            if precision == "tf32":
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=0.1, atol=0.05 * want.abs().max().item())
+                changed.append(not torch.equal(got, want))
+    assert precision == "tf32" or sum(changed) > len(changed) / 2  # the matmuls did run in bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        estimate_curvature(model, layers, batches, precision="fp8")
+    model.double()
