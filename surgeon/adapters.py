@@ -73,6 +73,8 @@ class LlamaAdapter(Adapter):
 
 
 ADAPTERS = (OPTAdapter, LlamaAdapter)
+# roles that read one input tensor in every family: they share one Kronecker factor A
+SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
 
 
 def adapter_for(model_type: str) -> Adapter:

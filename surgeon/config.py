@@ -302,26 +302,47 @@ def _check_lm_eval_tasks(cfg: DictConfig) -> None:
 
 
 def check_memory(cfg: DictConfig) -> None:
-    """Refuse a model whose float32 weights plus curvature clearly cannot fit the device."""
-    import torch
+    """Refuse, in one line with the numbers and settings that would fit, a run whose estimated peak memory
+    (surgeon.memory, from the model's config: nothing is loaded) exceeds the device's memory."""
+    from . import memory
 
-    params = cfg.model.get("params")
-    if not params:
-        return
     device = resolve_device(cfg.device)
-    need = 4.0 * float(params) * 1.5  # weights, plus factors and activations of one block at a time
-    if device.type == "cuda":
-        have = torch.cuda.get_device_properties(device).total_memory
-    else:
-        try:
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError):
-            return
-    if need > have:
-        raise ConfigError(
-            f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} has "
-            f"{have / 2**30:.1f} GiB; use a larger device or a smaller model preset"
-        )
+    have = memory.available_bytes(device)
+    if have is None:
+        return
+    config = _model_config(cfg)
+    if config is None:  # no config to read (a hub model not cached yet): the preset's parameter count
+        params = cfg.model.get("params")
+        need = 4.0 * float(params) * 1.5 if params else 0
+        if need > have:
+            raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} "
+                              f"has {have / 2**30:.1f} GiB; use a larger device or a smaller model preset")
+        return
+    settings = {**run_settings(cfg), "runtime": memory.RUNTIME.get(device.type, 0)}
+    need = memory.estimate(config, **settings)
+    if need.peak > have:
+        hints = memory.fix_hints(config, need, have, **settings)
+        raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {device} has "
+                          f"{have / 2**30:.1f} GiB; try {' or '.join(hints)}")
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """The settings of surgeon.memory.estimate that a config sets."""
+    return dict(dtype=cfg.model.dtype, kind=cfg.curvature.kind, rank=cfg.curvature.rank, structure=cfg.structure.name,
+                calib_batch=cfg.calib.batch_size, calib_seq_len=cfg.calib.seq_len, eval_batch=cfg.eval.batch_size,
+                eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.curvature.kind == "layerwise")
+
+
+def _model_config(cfg: DictConfig):
+    """The model's transformers config if it can be read without a download, else None."""
+    from transformers import AutoConfig
+
+    path = model_path(cfg)
+    kwargs = {"gguf_file": str(cfg.model.gguf_file)} if cfg.model.get("gguf_file") else {}
+    try:
+        return AutoConfig.from_pretrained(path, revision=cfg.model.get("revision"), local_files_only=True, **kwargs)
+    except Exception:  # noqa: BLE001 - not local, not cached, or unreadable: the loader reports it later
+        return None
 
 
 def resolve_device(device: str):

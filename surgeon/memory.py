@@ -1,0 +1,187 @@
+"""How much memory a run needs, estimated from the model's config alone, before anything is loaded.
+
+The peak of a shot is the model plus the largest of its phases (docs/algorithm.md section 5, memory):
+  curvature pass:  factors + activations of one calibration micro-batch (forward and backward)
+  costs, update:   factors + the selection (costs of every layer, masks) + one layer's solver
+  evaluation:      activations of one evaluation batch
+The numbers are bytes; `bench_scale` prints them beside the measured peaks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 2**30
+
+
+@dataclass
+class LayerShape:
+    name: str
+    type: str
+    block: int
+    rows: int   # R: outputs
+    cols: int   # C: inputs, +1 with a bias
+    shares_input_with: str | None = None  # the layer whose A this one shares (q/k/v, gate/up)
+
+
+@dataclass
+class Estimate:
+    """Bytes of each part and the peak they add up to."""
+
+    weights: int
+    factors: int
+    activations: int
+    solver: int
+    selection: int
+    evaluation: int
+
+    runtime: int = 0  # the process itself: torch and transformers on a CPU, the CUDA context on a GPU
+
+    @property
+    def shot_peak(self) -> int:
+        """Peak of a shot: model, factors and the larger of the pass and the costs/update phases."""
+        return self.runtime + self.weights + max(self.factors + self.activations,
+                                                 self.factors + self.selection + self.solver)
+
+    @property
+    def peak(self) -> int:
+        return max(self.shot_peak, self.runtime + self.weights + self.evaluation)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "shot_peak": self.shot_peak, "peak": self.peak}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in asdict(self).items())
+        return f"{self.peak / GiB:.1f} GiB ({parts} GiB)"
+
+
+def layer_shapes(config) -> list[LayerShape]:
+    """The prunable layers of a transformers config's model, from a model built on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import SHARED_INPUTS, adapter_for
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out, owners = [], {}
+    for layer in adapter_for(config.model_type).layers(model):
+        R, C = layer.module.weight.shape
+        bias = layer.module.bias is not None
+        group = next((g for g in SHARED_INPUTS if layer.type in g), None)
+        owner = owners.setdefault((layer.block, group, C, bias), layer.name) if group else layer.name
+        out.append(LayerShape(layer.name, layer.type, layer.block, R, C + bias,
+                              owner if owner != layer.name else None))
+    return out
+
+
+def parameter_count(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def solver_bytes(R: int, C: int, work: int = 4, rank: int = 1) -> int:
+    """One layer's OBS solver at its peak: weights (2 copies), damped factors and inverses in the work dtype, the
+    float64 Cholesky work of the larger factor (matrix, factor, identity, inverse), and the joint solve's
+    float64 vectors and float64 copies of the inverses."""
+    held = work * (2 * R * C + 2 * (R * R + C * C)) * rank
+    cholesky = 8 * 4 * max(R, C) ** 2
+    solve = 8 * (10 * R * C + R * R + C * C)
+    return held + max(cholesky, solve)
+
+
+def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 1, structure: str = "unstructured",
+             calib_batch: int = 8, calib_seq_len: int = 256, eval_batch: int = 8, eval_seq_len: int = 256,
+             calib_n: int = 128, layerwise: bool = False, runtime: int = 0) -> Estimate:
+    """Bytes a run of the model `config` needs (see the module docstring); `runtime`: the process's own."""
+    w = BYTES[dtype]
+    stats = 8 if dtype == "float64" else 4  # statistics and OBS algebra: float32 at least
+    shapes = layer_shapes(config)
+    d, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * d)
+    weights = parameter_count(config) * w
+
+    if layerwise:  # SparseGPT/Wanda: one block's statistics; calibration hidden states in and out of a block
+        per_block = max(sum(s.cols ** 2 for s in shapes if s.block == b) for b in range(L))
+        factors = stats * per_block
+        activations = 2 * calib_n * calib_seq_len * d * w + _activations(config, 1, calib_seq_len, w, d, ffn, 1, V)
+        solver = max(8 * 4 * s.cols ** 2 + stats * 3 * s.rows * s.cols for s in shapes)
+        selection = sum(s.rows * s.cols for s in shapes)  # masks
+        return Estimate(weights, factors, activations, solver, selection,
+                        _activations(config, eval_batch, eval_seq_len, w, d, ffn, L, V, backward=False), runtime)
+
+    if kind in ("identity", "diag_a"):
+        shared = kind == "diag_a"  # identity's vectors need no pass, so nothing finds who shares
+        factors = stats * sum(s.rows + (0 if shared and s.shares_input_with else s.cols) for s in shapes)
+        solver = max(stats * 4 * s.rows * s.cols for s in shapes)  # LayerOBD: weights, live copy, costs
+    else:
+        a = sum(s.cols ** 2 for s in shapes if s.shares_input_with is None)
+        g = sum(s.rows ** 2 for s in shapes)
+        # rank 2: A2, G2 of every layer, and the half-step accumulators of the passes
+        factors = stats * (a + g + (2 * sum(s.rows ** 2 + s.cols ** 2 for s in shapes) if rank == 2 else 0))
+        solver = max(solver_bytes(s.rows, s.cols, stats, rank) for s in shapes)
+    masks = sum(s.rows * s.cols for s in shapes)  # bool, one byte each
+    if structure == "structured":
+        selection = masks + 8 * 4 * sum(s.rows + s.cols for s in shapes)
+    else:  # costs of every layer (work dtype) and the threshold search's keys of one layer
+        selection = masks + stats * sum(s.rows * s.cols for s in shapes) + 3 * 8 * max(s.rows * s.cols for s in shapes)
+    activations = _activations(config, calib_batch, calib_seq_len, w, d, ffn, L, V) \
+        + stats * 2 * calib_batch * calib_seq_len * max(ffn, d)  # a hook's float32 copies of one layer's a and g
+    evaluation = _activations(config, eval_batch, eval_seq_len, w, d, ffn, L, V, backward=False)
+    return Estimate(weights, factors, activations, solver, selection, evaluation, runtime)
+
+
+def _activations(config, B: int, T: int, w: int, d: int, ffn: int, L: int, V: int, backward: bool = True) -> int:
+    """A forward (+ backward) of B x T tokens: per block the tensors autograd keeps (about 8 d-wide and 3
+    ffn-wide per token; attention runs through SDPA, which keeps no T x T scores), and the logits with their
+    float32 loss copies."""
+    tokens = B * T
+    per_block = tokens * (8 * d + 3 * ffn) * w
+    kept = L * per_block if backward else 2 * per_block
+    logits = tokens * V * (w + 4 * (3 if backward else 2))
+    return kept + logits
+
+
+# the process without a model: torch and transformers imported (CPU), or a CUDA context
+RUNTIME = {"cpu": int(0.3 * GiB), "cuda": 1 * GiB}
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory of the device: a GPU's total memory, or the host's physical memory (its cgroup limit if lower)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = open(path).read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            have = min(have, int(limit))
+    return have
+
+
+def fix_hints(config, need: Estimate, have: int, **settings) -> list[str]:
+    """The fewest changes (a smaller calibration micro-batch, bfloat16 weights, both) that make the same estimate
+    fit, each as command-line overrides; or a larger device."""
+    B, dtype = settings.get("calib_batch", 8), settings.get("dtype", "float32")
+    batches = sorted({b for b in (B, B // 2, B // 4, 1) if b >= 1}, reverse=True)
+    dtypes = [dtype] + (["bfloat16"] if dtype in ("float32", "float64") else [])
+    for changes in range(1, 3):
+        for d in dtypes:
+            for b in batches:
+                if (d != dtype) + (b != B) == changes or (changes == 2 and (d != dtype or b != B)):
+                    if estimate(config, **{**settings, "calib_batch": b, "dtype": d}).peak <= have:
+                        return [" ".join(([f"calib.batch_size={b}"] if b != B else [])
+                                         + ([f"model.dtype={d}"] if d != dtype else []))]
+    return ["a device with more memory"]
