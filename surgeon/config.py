@@ -318,6 +318,11 @@ def check_memory(cfg: DictConfig) -> None:
             raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} "
                               f"has {have / 2**30:.1f} GiB; use a larger device or a smaller model preset")
         return
+    positions = getattr(config, "max_position_embeddings", None)
+    for key in ("calib.seq_len", "eval.seq_len"):
+        value = OmegaConf.select(cfg, key)
+        if positions and value > positions:
+            raise ConfigError(f"{key}={value} is longer than the model's max_position_embeddings={positions}")
     settings = {**run_settings(cfg), "runtime": memory.RUNTIME.get(device.type, 0)}
     need = memory.estimate(config, **settings)
     if need.peak > have:

@@ -51,7 +51,7 @@ def _order_keys(c: Tensor) -> Tensor:
         bits, flip = c.view(torch.int32), 0x7FFFFFFF
     else:
         raise ValueError(f"costs must be float32 or float64, got {c.dtype}")
-    return torch.where(bits < 0, bits ^ flip, bits).long()
+    return torch.where(bits < 0, bits ^ flip, bits)
 
 
 def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -59,13 +59,14 @@ def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count
 
     The same choice as one stable sort of all free costs concatenated in layer order (ties go to the earlier
     layer, then the earlier row-major index), found without building that tensor: the k-th smallest cost is
-    found by bisection over the integers that order the floats, counting layer by layer, so the extra memory
-    is that of one layer at a time."""
+    found by bisection over the integers that order the floats (as wide as the costs), counted layer by layer:
+    no tensor of all costs is built, and no float64 copy of them."""
     dtype = _common_dtype(costs.values())
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float64
-    keys = lambda name: _order_keys(costs[name].to(dtype))[~removed[name]]  # noqa: E731 - one layer at a time
-    n_free = {name: int((~removed[name]).sum()) for name in costs}
+    free_keys = {name: _order_keys(costs[name].to(dtype))[~removed[name]] for name in costs}
+    keys = free_keys.__getitem__
+    n_free = {name: len(k) for name, k in free_keys.items()}
     n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free.values())))
     out = {name: removed[name].clone() for name in costs}
     if n_new == 0:

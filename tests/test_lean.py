@@ -95,7 +95,7 @@ def test_lean_shot_equals_the_shot_before(testbed, monkeypatch, method, structur
     dense, batches, windows = testbed
     s = STRUCTURES[structure]
     # both shots run the same joint solve: a loose tolerance keeps the test short without weakening the comparison
-    opts = ShotOptions(method=method, structure=structure, damping_g=s["damping_g"], tol=1e-5, **METHODS[method])
+    opts = ShotOptions(method=method, structure=structure, damping_g=s["damping_g"], tol=1e-3, **METHODS[method])
     results = []
     for lean in (True, False):
         model = copy.deepcopy(dense)
