@@ -33,6 +33,11 @@ from surgeon.prune import PruneState, ShotOptions, prune_shot  # noqa: E402
 
 # the published architectures' hyperparameters (their config.json files), so nothing is downloaded
 SHAPES = {
+    # the testbed models' shapes (../shared/models/*/config.json), random weights
+    "opt-tiny": ("opt", dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, num_attention_heads=4,
+                             vocab_size=4096, max_position_embeddings=2048, word_embed_proj_dim=256)),
+    "llama-tiny": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                                 num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048)),
     "opt-125m": ("opt", dict(hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
                              vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768)),
     "opt-1.3b": ("opt", dict(hidden_size=2048, ffn_dim=8192, num_hidden_layers=24, num_attention_heads=32,

@@ -165,6 +165,9 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     _one_of("curvature.kind", cfg.curvature.kind, CURVATURE_KINDS)
     _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
     _one_of("curvature.precision", cfg.curvature.precision, PRECISIONS)
+    _one_of("curvature.offload", cfg.curvature.offload, ("none", "cpu"))
+    if cfg.curvature.offload == "cpu" and cfg.curvature.rank != 1:
+        raise ConfigError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
     _one_of("logger", cfg.logger.name, ("none", "wandb"))
 
@@ -335,7 +338,8 @@ def run_settings(cfg: DictConfig) -> dict:
     """The settings of surgeon.memory.estimate that a config sets."""
     return dict(dtype=cfg.model.dtype, kind=cfg.curvature.kind, rank=cfg.curvature.rank, structure=cfg.structure.name,
                 calib_batch=cfg.calib.batch_size, calib_seq_len=cfg.calib.seq_len, eval_batch=cfg.eval.batch_size,
-                eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.curvature.kind == "layerwise")
+                eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.curvature.kind == "layerwise",
+                offload=cfg.curvature.offload == "cpu")
 
 
 def _model_config(cfg: DictConfig):

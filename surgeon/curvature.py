@@ -23,6 +23,7 @@ FISHERS = ("empirical", "sampled")
 KINDS = ("kfac", "diag_a", "identity")
 RANKS = (1, 2)
 PRECISIONS = ("fp32", "tf32", "bf16")
+OFFLOADS = ("none", "cpu")
 
 
 @dataclass
@@ -38,6 +39,13 @@ class Factors:
     def diagonal(self) -> bool:
         """The magnitude and L-OBD curvatures are diagonal and kept as vectors, never as C x C matrices."""
         return self.A.dim() == 1
+
+    def to(self, device) -> "Factors":
+        """The factors on `device` (from host memory under curvature.offload=cpu); self when already there."""
+        if self.A.device == torch.device(device):
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Factors(A=move(self.A), G=move(self.G), A2=move(self.A2), G2=move(self.G2))
 
     def dense(self) -> "Factors":
         """The same factors as matrices (for an OBS solver, which needs them whole)."""
@@ -85,9 +93,10 @@ def residual_half_step(S: Tensor, n: int, X_other: Tensor, K_other: Tensor, K: T
 class _LayerStats:
     """One layer's accumulators, filled by its hooks during a pass over the batches."""
 
-    def __init__(self, layer: PrunableLayer, dtype: torch.dtype):
+    def __init__(self, layer: PrunableLayer, dtype: torch.dtype, store: torch.device | None = None):
         self.layer = layer
         self.dtype = dtype
+        self.store = store  # where the sums live: the model's device, or the host (curvature.offload=cpu)
         self.bias = layer.module.bias is not None
         self.n = 0  # tokens seen in the current pass
         self.A: Tensor | None = None
@@ -100,6 +109,8 @@ class _LayerStats:
 
     def _add(self, name: str, value: Tensor) -> None:
         current = getattr(self, name)
+        if self.store is not None:
+            value = value.to(self.store)
         setattr(self, name, value if current is None else current + value)
 
     def forward_hook(self, mode: str):
@@ -164,6 +175,7 @@ def estimate_curvature(
     seed: int = 0,
     progress: bool = False,
     precision: str = "fp32",
+    offload: str = "none",
 ) -> dict[str, Factors]:
     """KFAC factors of every layer from one forward+backward per batch (section 2; RK=2 term).
 
@@ -176,7 +188,8 @@ def estimate_curvature(
     the residual per-token Fisher, by alternating power iteration: the first G2 half-step,
     from a seeded random symmetric A2, rides along the KFAC pass, then `rank2_iters` more
     passes over `batches` each make one half-step (A2, G2, A2, ...). Factors are float64 for a float64 model,
-    float32 otherwise, on the model's device; `precision` is that of the passes' matmuls ("fp32"; "tf32": TF32 on
+    float32 otherwise, on the model's device (`offload="cpu"`: summed in host memory, each batch's
+    product computed on the device and added on the host); `precision` is that of the passes' matmuls ("fp32"; "tf32": TF32 on
     CUDA; "bf16": autocast), the statistics are accumulated in float32 whatever it is. The model's requires_grad flags and
     train/eval mode are restored and all hooks removed on exit.
     """
@@ -190,6 +203,10 @@ def estimate_curvature(
         raise ValueError(f"curvature.rank=2 needs curvature.kind='kfac', got '{kind}'")
     if rank2_iters < 1:
         raise ValueError(f"curvature.rank2_iters={rank2_iters} must be >= 1")
+    if offload not in OFFLOADS:
+        raise ValueError(f"curvature.offload='{offload}' is not supported; valid values: {list(OFFLOADS)}")
+    if offload == "cpu" and rank != 1:
+        raise ValueError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     if precision not in PRECISIONS:
         raise ValueError(f"curvature.precision='{precision}' is not supported; valid values: {list(PRECISIONS)}")
     if not batches and kind != "identity":
@@ -198,7 +215,8 @@ def estimate_curvature(
     param = next(model.parameters())
     device = param.device
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    stats = {layer.name: _LayerStats(layer, dtype) for layer in layers}
+    store = torch.device("cpu") if offload == "cpu" else None
+    stats = {layer.name: _LayerStats(layer, dtype, store) for layer in layers}
 
     ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731 - the diagonal of I
     if kind == "identity":

@@ -97,8 +97,9 @@ def solver_bytes(R: int, C: int, work: int = 4, rank: int = 1) -> int:
 
 def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 1, structure: str = "unstructured",
              calib_batch: int = 8, calib_seq_len: int = 256, eval_batch: int = 8, eval_seq_len: int = 256,
-             calib_n: int = 128, layerwise: bool = False, runtime: int = 0) -> Estimate:
-    """Bytes a run of the model `config` needs (see the module docstring); `runtime`: the process's own."""
+             calib_n: int = 128, layerwise: bool = False, runtime: int = 0, offload: bool = False) -> Estimate:
+    """Bytes a run of the model `config` needs on its device (see the module docstring); `runtime`: the process's
+    own; `offload`: the factors live in host memory, one layer's on the device at a time."""
     w = BYTES[dtype]
     stats = 8 if dtype == "float64" else 4  # statistics and OBS algebra: float32 at least
     shapes = layer_shapes(config)
@@ -125,6 +126,8 @@ def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 
         # rank 2: A2, G2 of every layer, and the half-step accumulators of the passes
         factors = stats * (a + g + (2 * sum(s.rows ** 2 + s.cols ** 2 for s in shapes) if rank == 2 else 0))
         solver = max(solver_bytes(s.rows, s.cols, stats, rank) for s in shapes)
+        if offload:  # on the device: one layer's factors (and one batch's products during the pass)
+            factors = stats * max(s.rows ** 2 + s.cols ** 2 for s in shapes)
     masks = sum(s.rows * s.cols for s in shapes)  # bool, one byte each
     if structure == "structured":
         selection = masks + 8 * 4 * sum(s.rows + s.cols for s in shapes)
@@ -177,11 +180,16 @@ def fix_hints(config, need: Estimate, have: int, **settings) -> list[str]:
     B, dtype = settings.get("calib_batch", 8), settings.get("dtype", "float32")
     batches = sorted({b for b in (B, B // 2, B // 4, 1) if b >= 1}, reverse=True)
     dtypes = [dtype] + (["bfloat16"] if dtype in ("float32", "float64") else [])
-    for changes in range(1, 3):
-        for d in dtypes:
-            for b in batches:
-                if (d != dtype) + (b != B) == changes or (changes == 2 and (d != dtype or b != B)):
-                    if estimate(config, **{**settings, "calib_batch": b, "dtype": d}).peak <= have:
-                        return [" ".join(([f"calib.batch_size={b}"] if b != B else [])
-                                         + ([f"model.dtype={d}"] if d != dtype else []))]
+    offloads = [settings.get("offload", False)] + ([True] if settings.get("rank", 1) == 1 else [])
+    options = []
+    for d in dtypes:
+        for b in batches:
+            for o in dict.fromkeys(offloads):
+                changes = ([f"calib.batch_size={b}"] if b != B else []) + ([f"model.dtype={d}"] if d != dtype else []) \
+                    + (["curvature.offload=cpu"] if o != settings.get("offload", False) else [])
+                if changes:
+                    options.append((len(changes), changes, {**settings, "calib_batch": b, "dtype": d, "offload": o}))
+    for _, changes, fixed in sorted(options, key=lambda x: x[0]):  # stable: fewest changes, larger batches first
+        if estimate(config, **fixed).peak <= have:
+            return [" ".join(changes)]
     return ["a device with more memory"]

@@ -46,6 +46,7 @@ class ShotOptions:
     blocksize: int = 128
     percdamp: float = 0.01
     precision: str = "fp32"
+    offload: str = "none"
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -58,7 +59,7 @@ class ShotOptions:
             damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
             undamped_numerators=cfg.curvature.undamped_numerators,
             blocksize=cfg.method.get("blocksize", 128), percdamp=cfg.method.get("percdamp", 0.01),
-            precision=cfg.curvature.precision,
+            precision=cfg.curvature.precision, offload=cfg.curvature.offload,
         )
 
 
@@ -137,7 +138,7 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _solver(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS:
     """The layer's OBS solver under its damped factors (section 3)."""
     W = weight_with_bias(layer.module)
-    f = f.dense()
+    f = f.to(W.device).dense()
     return LayerOBS(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
                     has_bias=layer.module.bias is not None, A2=f.A2, G2=f.G2,
                     undamped_numerators=opts.undamped_numerators)
@@ -147,6 +148,7 @@ def _scorer(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS | LayerOBD:
     """What computes the layer's costs: OBD at Kronecker rank 1 needs no inverse (LayerOBD), the rest a solver."""
     if opts.correlation == "none" and f.A2 is None:
         W = weight_with_bias(layer.module)
+        f = f.to(W.device)
         return LayerOBD(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
                         has_bias=layer.module.bias is not None)
     return _solver(layer, f, opts)
@@ -180,7 +182,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     t0 = time.perf_counter()
     factors = estimate_curvature(model, layers, batches, fisher=opts.fisher, rank=opts.rank, kind=opts.kind,
                                  rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
-                                 precision=opts.precision)
+                                 precision=opts.precision, offload=opts.offload)
     _sync(device)
     seconds["curvature"] = time.perf_counter() - t0
 

@@ -301,3 +301,16 @@ def test_pass_precision_changes_matmuls_not_statistics(setup, precision):
     with pytest.raises(ValueError, match="precision"):
         estimate_curvature(model, layers, batches, precision="fp8")
     model.double()
+
+
+def test_offloaded_factors_are_summed_on_the_host(setup):
+    """curvature.offload=cpu: the same factors, held in host memory (on a GPU machine the pass runs on the device)."""
+    model, layers, ids, _ = setup
+    batches = list(ids.split(3))
+    on_device, offloaded = (estimate_curvature(model, layers, batches, offload=o) for o in ("none", "cpu"))
+    for layer in layers:
+        assert offloaded[layer.name].A.device.type == "cpu"
+        torch.testing.assert_close(offloaded[layer.name].A, on_device[layer.name].A, rtol=0, atol=0)
+        torch.testing.assert_close(offloaded[layer.name].G, on_device[layer.name].G, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="rank 1"):
+        estimate_curvature(model, layers, batches, offload="cpu", rank=2)

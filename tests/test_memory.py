@@ -63,8 +63,13 @@ def test_a_model_too_large_is_refused_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 141 * 2**30)
     config_mod.check_memory(compose([f"model.name_or_path={tmp_path}", "model.name=x", "model.params=null",
                                      "device=cpu", "model.dtype=bfloat16", "structure=structured"]))
-    # fits in 141 GB only in bfloat16 with a smaller micro-batch: the refusal says which
+    # at 2048 tokens it fits 100 GiB only with fewer sequences per micro-batch and the factors in host memory
     monkeypatch.setattr(memory, "available_bytes", lambda device: 100 * 2**30)
-    with pytest.raises(ConfigError, match="model.dtype=bfloat16"):
+    with pytest.raises(ConfigError, match="try calib.batch_size=4 curvature.offload=cpu$"):
         config_mod.check_memory(compose([f"model.name_or_path={tmp_path}", "model.name=x", "model.params=null",
                                          "device=cpu", "calib.seq_len=2048", "eval.seq_len=2048"]))
+
+
+def test_offload_moves_the_factors_off_the_device():
+    on, off = (memory.estimate(LLAMA_7B, dtype="bfloat16", offload=o) for o in (False, True))
+    assert off.factors < on.factors / 100 and off.peak < on.peak
