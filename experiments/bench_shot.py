@@ -1,15 +1,18 @@
 """Benchmark: the phases of one shot as ratios to one plain forward+backward pass, measured in the same run.
 
     python -m experiments.bench_shot [--models opt-tiny llama-tiny] [--n 128] [--seq-len 256] [--repeats 3]
+                                     [--shots 5 --target 0.5 --methods surgeon kobd magnitude]
 
 The plain pass runs over the same calibration batches as the curvature pass, with no hooks
 (median of `--repeats`). Each structure's shot starts from the dense model, at `--target`,
-with the structure preset's damping; evaluation is not part of a shot.
+with the structure preset's damping; evaluation is not part of a shot. With `--shots N` every structure and
+method runs N shots to `--target` (the linear schedule), a row per shot.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import statistics
 import time
@@ -22,6 +25,10 @@ from surgeon import data as data_mod  # noqa: E402
 from surgeon.adapters import adapter_for  # noqa: E402
 from surgeon.config import resolve_device, shared_dir  # noqa: E402
 from surgeon.prune import PruneState, ShotOptions, prune_shot  # noqa: E402
+from surgeon.schedule import shot_targets  # noqa: E402
+
+METHODS = {"surgeon": dict(kind="kfac", correlation="layer"), "kobd": dict(kind="kfac", correlation="none"),
+           "lobd": dict(kind="diag_a", correlation="none"), "magnitude": dict(kind="identity", correlation="none")}
 
 MODELS = {"opt-tiny": "models/opt-tiny-wt2", "llama-tiny": "models/llama-tiny-wt2"}
 DAMPING = {"structured": (0.01, 0.01), "unstructured": (0.01, 0.1), "semistructured": (0.01, 0.1)}
@@ -62,7 +69,9 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--target", type=float, default=0.1, help="target of the shot (first of 5 shots to 50%%)")
+    p.add_argument("--target", type=float, default=0.1, help="target of the (last) shot; 0.1: the first of 5 to 50%%")
+    p.add_argument("--shots", type=int, default=1, help="shots of the linear schedule to --target")
+    p.add_argument("--methods", nargs="+", default=["surgeon"], choices=list(METHODS))
     p.add_argument("--max-correlate", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -81,17 +90,21 @@ def main(argv=None):
         batches = data_mod.batches(data_mod.calibration_windows(ids, args.n, args.seq_len, 100), args.batch_size)
         plain_pass(dense, batches[:1], device)  # warm-up
         base = statistics.median(plain_pass(dense, batches, device) for _ in range(args.repeats))
-        for structure in args.structures:
+        for structure, method in itertools.product(args.structures, args.methods):
             model = copy.deepcopy(dense)
             layers = adapter_for(model.config.model_type).layers(model)
             da, dg = DAMPING[structure]
-            opts = ShotOptions(structure=structure, damping_a=da, damping_g=dg, max_correlate=args.max_correlate)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            seconds, _ = prune_shot(model, layers, batches, PruneState.empty(layers), args.target, opts)
-            total = sum(seconds.values())
-            rows.append((name, structure, base, seconds, total, peak_mb(device)))
-            print(f"{name} {structure}: pass {base:.2f}s, shot {total:.2f}s", flush=True)
+            opts = ShotOptions(method=method, structure=structure, damping_a=da, damping_g=dg,
+                               max_correlate=args.max_correlate, **METHODS[method])
+            state = PruneState.empty(layers)
+            for shot, target in enumerate(shot_targets(args.target, args.shots), 1):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                seconds, _ = prune_shot(model, layers, batches, state, target, opts)
+                total = sum(seconds.values())
+                label = structure if args.shots == 1 else f"{structure} {method} shot {shot} ({target:.2f})"
+                rows.append((name, label, base, seconds, total, peak_mb(device)))
+                print(f"{name} {label}: pass {base:.2f}s, shot {total:.2f}s", flush=True)
             del model
 
     print(f"\nOne shot to target {args.target} at {args.n} x {args.seq_len} calibration tokens on {device} "

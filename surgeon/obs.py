@@ -129,9 +129,9 @@ class LayerOBS:
         self.terms = [(G1, A1)]
         self.beta = 1.0
         if A2 is None:
-            K_G, _ = congruence(G1, None, "damped G")
-            K_A, _ = congruence(A1, None, "damped A")
-            self.Ginv, self.Ainv = (K_G @ K_G.T).to(W.dtype), (K_A @ K_A.T).to(W.dtype)
+            # the inverses are formed when first used (costs, the dual joint solve), not for a structured or
+            # primal update of a solver rebuilt for it; a factor that is not positive definite fails here
+            self._chol = {"G": _cholesky(G1, "damped G"), "A": _cholesky(A1, "damped A")}
             self.S = None
             return
         A2, G2 = _sub(A2, self.live_cols, W.dtype), _sub(G2, self.live_rows, W.dtype)
@@ -143,6 +143,27 @@ class LayerOBS:
             raise ValueError("G1 (x) A1 + G2 (x) A2 is not positive definite (non-finite factors?)")
         self.terms.append((self.beta * G2, A2))
         self.K_G, self.K_A, self.S = K_G.to(W.dtype), K_A.to(W.dtype), S.to(W.dtype)
+
+    @property
+    def Ginv(self) -> Tensor:
+        """(G_d)^-1 on the live rows (rank 1), formed once."""
+        if "_Ginv" not in self.__dict__:
+            self._Ginv = self._inverse_of("G")
+        return self._Ginv
+
+    @property
+    def Ainv(self) -> Tensor:
+        """(A_d)^-1 on the live columns (rank 1), formed once."""
+        if "_Ainv" not in self.__dict__:
+            self._Ainv = self._inverse_of("A")
+        return self._Ainv
+
+    def _inverse_of(self, which: str) -> Tensor:
+        """M^-1 = L^-T L^-1 from the Cholesky factor the constructor checked M with (then dropped)."""
+        L = self._chol.pop(which)
+        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        K = torch.linalg.solve_triangular(L, eye, upper=False).T
+        return (K @ K.T).to(self.W.dtype)
 
     # --- F, F^-1 and the per-structure precisions, all in live coordinates ---------------
 
