@@ -14,6 +14,7 @@ peaks are torch's allocator peaks. A table on stdout, one JSON line per row in -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -86,6 +87,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.peak = 0
         else:
             self.peak = self.rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -95,11 +97,37 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, self.rss())
+
+
+@contextlib.contextmanager
+def split_after_pass(tracker: PeakMemory, pass_peak: list):
+    """While prune_shot runs: the peak up to the end of its curvature pass goes to pass_peak, and the tracker
+    starts again from the memory held then, so that its peak is that of the costs, selection and update."""
+    import surgeon.prune as prune_mod
+
+    original = prune_mod.estimate_curvature
+
+    def wrapped(*args, **kwargs):
+        factors = original(*args, **kwargs)
+        if tracker.device.type == "cuda":
+            torch.cuda.synchronize(tracker.device)
+            pass_peak.append(torch.cuda.max_memory_allocated(tracker.device))
+            torch.cuda.reset_peak_memory_stats(tracker.device)
+        else:
+            pass_peak.append(tracker.peak)
+            tracker.peak = tracker.rss()
+        return factors
+
+    prune_mod.estimate_curvature = wrapped
+    try:
+        yield
+    finally:
+        prune_mod.estimate_curvature = original
 
 
 def plain_pass(model, batches, device) -> float:
@@ -197,13 +225,18 @@ def main(argv=None):
                                precision=args.precision)
             with PeakMemory(device) as shot:
                 before = shot.now()
-                seconds, info = prune_shot(dense, layers, batches, PruneState.empty(layers), args.target, opts)
+                pass_peak = []
+                with split_after_pass(shot, pass_peak):
+                    seconds, info = prune_shot(dense, layers, batches, PruneState.empty(layers), args.target, opts)
             est = estimates[structure]
-            above = shot.peak - before - factors
+            solve_peak = shot.peak  # the costs, selection and update phases (the pass's peak is pass_peak[0])
+            shot.peak = max(shot.peak, pass_peak[0])
+            above = solve_peak - before - factors
             row = {"shape": shape, "structure": structure, "device": str(device), "dtype": args.dtype,
                    "precision": args.precision, "calib": [args.n, args.seq_len, args.batch_size],
                    "plain_pass_s": base, "seconds": seconds, "ratios": {k: v / base for k, v in seconds.items()},
                    "shot_ratio": sum(seconds.values()) / base, "model_bytes": before, "peak_bytes": shot.peak,
+                   "pass_peak_bytes": pass_peak[0], "solve_peak_bytes": solve_peak,
                    "estimate": est.as_dict(), "estimate_error": shot.peak / est.shot_peak - 1, "factor_bytes": factors,
                    "largest_solver": solver_layer, "solver_peak_bytes": solver_peak,
                    "above_model_factors_per_solver": above / solver_peak,
@@ -223,7 +256,7 @@ def main(argv=None):
 def print_table(rows):
     g = 2**30
     print("\n| shape | structure | plain pass (s) | curvature | costs | update | shot | peak (GiB) | estimate (GiB) "
-          "| est. error | (peak - model - factors) / largest solver |")
+          "| est. error | (costs/update peak - model - factors) / largest solver |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("refused"):

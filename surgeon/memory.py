@@ -144,7 +144,8 @@ def _activations(config, B: int, T: int, w: int, d: int, ffn: int, L: int, V: in
     ffn-wide per token; attention runs through SDPA, which keeps no T x T scores), and the logits with their
     float32 loss copies."""
     tokens = B * T
-    per_block = tokens * (8 * d + 3 * ffn) * w
+    gated = config.model_type != "opt"  # Llama-family MLPs keep gate, up, act(gate) and their product
+    per_block = tokens * ((10 * d + 5 * ffn) if gated else (8 * d + 3 * ffn)) * w
     kept = L * per_block if backward else 2 * per_block
     logits = tokens * V * (w + 4 * (3 if backward else 2))
     return kept + logits
