@@ -467,3 +467,21 @@ def test_float32_runs_and_agrees(rank2):
             (got, _), (want, _) = got, want
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("scale32", [1.0, 1.5])
+def test_refined_cg_reaches_the_float64_solution(scale32):
+    """float32 rounds refined in float64 reach the float64 tolerance; when the float32 rounds cannot (here their
+    operator is deliberately 1.5x off), float64 conjugate gradients finish from where they got to."""
+    from surgeon.obs import _pcg_refined
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 60, generator=g, dtype=torch.float64)
+    M = X @ X.T / 60 + 1e-3 * torch.eye(40, dtype=torch.float64)
+    b = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    apply = lambda V: M @ V  # noqa: E731
+    apply32 = lambda V: (M.float() * scale32) @ V  # noqa: E731
+    x, iterations, residual, converged = _pcg_refined(apply, apply32, b, 1 / M.diagonal()[:, None].expand(40, 3),
+                                                      1e-12, 2000)
+    assert converged and residual <= 1e-12 and iterations > 0
+    torch.testing.assert_close(x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-10)
