@@ -131,8 +131,8 @@ def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 
     masks = sum(s.rows * s.cols for s in shapes)  # bool, one byte each
     if structure == "structured":
         selection = masks + 8 * 4 * sum(s.rows + s.cols for s in shapes)
-    else:  # costs of every layer (work dtype) and the threshold search's integer keys, as wide
-        selection = masks + 2 * stats * sum(s.rows * s.cols for s in shapes)
+    else:  # costs of every layer (work dtype), turned into the threshold search's integer keys layer by layer
+        selection = masks + stats * sum(s.rows * s.cols for s in shapes) + 3 * stats * max(s.rows * s.cols for s in shapes)
     activations = _activations(config, calib_batch, calib_seq_len, w, d, ffn, L, V) \
         + stats * 2 * calib_batch * calib_seq_len * max(ffn, d)  # a hook's float32 copies of one layer's a and g
     evaluation = _activations(config, eval_batch, eval_seq_len, w, d, ffn, L, V, backward=False)

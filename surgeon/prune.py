@@ -214,7 +214,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     elif opts.structure == "semistructured":
         state.removed.update(select_nm(costs, state.removed, target, opts.n, opts.m, uniform=uniform))
     else:
-        state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform))
+        state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform, consume=True))
     del costs, row_costs, col_costs
     _sync(device)
     seconds["costs"] = time.perf_counter() - t0

@@ -54,17 +54,25 @@ def _order_keys(c: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ flip, bits)
 
 
-def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int,
+                     consume: bool = False) -> dict[str, Tensor]:
     """Removed masks plus the cheapest free entries, so that `count` entries are removed in all.
 
     The same choice as one stable sort of all free costs concatenated in layer order (ties go to the earlier
     layer, then the earlier row-major index), found without building that tensor: the k-th smallest cost is
     found by bisection over the integers that order the floats (as wide as the costs), counted layer by layer:
-    no tensor of all costs is built, and no float64 copy of them."""
+    no tensor of all costs is built, and no float64 copy of them. `consume=True` empties `costs` as each layer's
+    keys are made, so that the costs and the keys are never held whole at once."""
     dtype = _common_dtype(costs.values())
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float64
-    free_keys = {name: _order_keys(costs[name].to(dtype))[~removed[name]] for name in costs}
+    names = list(costs)
+    free_keys = {}
+    for name in names:
+        c = costs.pop(name) if consume else costs[name]
+        free_keys[name] = _order_keys(c.to(dtype))[~removed[name]]
+        del c
+    costs = free_keys  # only the names and their order are used below
     keys = free_keys.__getitem__
     n_free = {name: len(k) for name, k in free_keys.items()}
     n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free.values())))
@@ -97,15 +105,16 @@ def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count
 
 
 def select_unstructured(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float,
-                        uniform: bool = False) -> dict[str, Tensor]:
-    """Remove the cheapest elements until round(target * total) are removed (section 4, unstructured)."""
+                        uniform: bool = False, consume: bool = False) -> dict[str, Tensor]:
+    """Remove the cheapest elements until round(target * total) are removed (section 4, unstructured);
+    `consume=True` empties `costs` on the way (less memory)."""
     _check_target(target)
     _check_masks(costs, removed, "costs")
     if uniform:
         return {name: _remove_cheapest({name: c}, {name: removed[name]}, round(target * c.numel()))[name]
                 for name, c in costs.items()}
     total = sum(c.numel() for c in costs.values())
-    return _remove_cheapest(costs, removed, round(target * total))
+    return _remove_cheapest(costs, removed, round(target * total), consume=consume)
 
 
 def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float, n: int, m: int,
@@ -137,7 +146,7 @@ def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: floa
                     for name, b in block_costs.items()}
     else:
         total = sum(c.numel() for c in costs.values())
-        selected = _remove_cheapest(block_costs, pruned, round(target * total / k))
+        selected = _remove_cheapest(block_costs, pruned, round(target * total / k), consume=True)
     out = {}
     for name, c in costs.items():
         mask = torch.zeros(*selected[name].shape, m, dtype=torch.bool, device=c.device)
