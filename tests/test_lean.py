@@ -15,7 +15,7 @@ from surgeon.obs import LayerOBS
 from surgeon.prune import PruneState, ShotOptions, apply_masks, prune_shot
 
 
-def concat_sort(costs, removed, count):
+def concat_sort(costs, removed, count, consume=False):
     """The selection before: one stable sort of every free cost concatenated."""
     free = [costs[n][~removed[n]].double() for n in costs]
     sizes = [len(f) for f in free]
