@@ -13,20 +13,7 @@ from surgeon.curvature import estimate_curvature
 from surgeon.evaluate import perplexity
 from surgeon.obs import LayerOBS
 from surgeon.prune import PruneState, ShotOptions, apply_masks, prune_shot
-
-
-def concat_sort(costs, removed, count, consume=False):
-    """The selection before: one stable sort of every free cost concatenated."""
-    free = [costs[n][~removed[n]].double() for n in costs]
-    sizes = [len(f) for f in free]
-    n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(sizes)))
-    chosen = torch.zeros(sum(sizes), dtype=torch.bool)
-    chosen[torch.sort(torch.cat(free), stable=True).indices[:n_new]] = True
-    out = {}
-    for n, part in zip(costs, chosen.split(sizes)):
-        out[n] = removed[n].clone()
-        out[n][~removed[n]] = part
-    return out
+from test_selection import concat_sort_selection as concat_sort
 
 
 def shot_before(model, layers, batches, state, target, opts):

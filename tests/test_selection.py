@@ -339,8 +339,9 @@ def test_structured_errors():
         select_structured(row_costs, col_costs, no_masks(row_costs), bad, 0.5)
 
 
-def concat_sort_selection(costs, removed, count_):
-    """The selection before the memory-lean one: one stable sort of every free cost concatenated."""
+def concat_sort_selection(costs, removed, count_, consume=False):
+    """The selection before the memory-lean one: one stable sort of every free cost concatenated (`consume`
+    accepted and ignored, so that it can stand in for `selection._remove_cheapest`)."""
     free = [costs[n][~removed[n]].double() for n in costs]
     sizes = [len(f) for f in free]
     n_new = max(0, min(count_ - count(removed), sum(sizes)))
