@@ -26,11 +26,34 @@ class PrunableLayer:
 
 
 class Adapter:
-    """Finds the decoder blocks and their prunable Linear layers of one model family."""
+    """Finds the decoder blocks and their prunable Linear layers of one model family, and knows how its
+    attention and MLP couple rows to columns (for compaction, `surgeon.compact`)."""
 
     model_types: tuple[str, ...] = ()
     blocks_path: str = ""
     layer_paths: dict[str, str] = {}  # role -> path inside one block
+    attention_path: str = ""
+    attention_out: str = ""     # role of the attention output projection (its columns are value dimensions)
+    mlp_activated: str = ""     # role whose output goes through the activation
+    mlp_multiplied: str | None = None  # role multiplied elementwise with the activation (gated MLPs)
+    mlp_out: str = ""           # role reading the hidden units
+    rotary: bool = False        # rotary position embedding: query/key dimensions keep their frequencies
+
+    def mlp_activation(self, block: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def heads(self, attention: nn.Module) -> tuple[int, int, int]:
+        """(query heads, key-value heads, head dimension) of one attention module as it is now."""
+        raise NotImplementedError
+
+    def set_heads(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+        """Tell a resized attention module its new head counts (its Linear layers are already resized)."""
+        raise NotImplementedError
+
+    def stock_config(self, config, shapes: list[dict]) -> bool:
+        """Write `shapes` (one dict per block: heads, kv_heads, head_dim, mlp) into the model's own config
+        fields when the stock model class can hold them (the same in every block); False when it cannot."""
+        raise NotImplementedError
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -56,6 +79,28 @@ class OPTAdapter(Adapter):
         "fc1": "fc1",
         "fc2": "fc2",
     }
+    attention_path = "self_attn"
+    attention_out = "out"
+    mlp_activated = "fc1"
+    mlp_out = "fc2"
+
+    def mlp_activation(self, block):
+        return block.activation_fn
+
+    def heads(self, attention):
+        return attention.num_heads, attention.num_heads, attention.head_dim
+
+    def set_heads(self, attention, heads, kv_heads, head_dim):
+        # the query scaling stays the original head_dim ** -0.5: removed dimensions contributed nothing
+        attention.num_heads, attention.head_dim = heads, head_dim
+
+    def stock_config(self, config, shapes):
+        # OPTAttention derives head_dim from hidden_size / num_attention_heads: only the MLP width can change
+        H, d = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+        if any((s["heads"], s["head_dim"]) != (H, d) for s in shapes) or len({s["mlp"] for s in shapes}) != 1:
+            return False
+        config.ffn_dim = shapes[0]["mlp"]
+        return True
 
 
 class LlamaAdapter(Adapter):
@@ -70,6 +115,32 @@ class LlamaAdapter(Adapter):
         "up": "mlp.up_proj",
         "down": "mlp.down_proj",
     }
+    attention_path = "self_attn"
+    attention_out = "o"
+    mlp_activated = "gate"
+    mlp_multiplied = "up"
+    mlp_out = "down"
+    rotary = True
+
+    def mlp_activation(self, block):
+        return block.mlp.act_fn
+
+    def heads(self, attention):
+        d = attention.head_dim
+        return attention.q_proj.out_features // d, attention.k_proj.out_features // d, d
+
+    def set_heads(self, attention, heads, kv_heads, head_dim):
+        if head_dim != attention.head_dim:
+            raise ValueError(f"a rotary attention keeps head_dim {attention.head_dim}, got {head_dim}")
+        attention.num_key_value_groups = heads // kv_heads
+
+    def stock_config(self, config, shapes):
+        if len({(s["heads"], s["kv_heads"], s["mlp"]) for s in shapes}) != 1:
+            return False
+        config.head_dim = shapes[0]["head_dim"]  # explicit: it no longer equals hidden_size / heads
+        config.num_attention_heads, config.num_key_value_heads = shapes[0]["heads"], shapes[0]["kv_heads"]
+        config.intermediate_size = shapes[0]["mlp"]
+        return True
 
 
 ADAPTERS = (OPTAdapter, LlamaAdapter)

@@ -98,6 +98,10 @@ def summary_table(record: dict) -> str:
     for p in record["points"]:
         ppl = f"{p['ppl']:>10.3f}" if p["ppl"] is not None else f"{'-':>10}"
         lines.append(f"{p['shot']:>4} {p['target']:>7.4f} {p['sparsity']:>8.4f} {ppl} {sum(p['seconds'].values()):>8.1f}")
+    c = record.get("compact")
+    if c:
+        lines.append(f"compacted: {c['params_before']} -> {c['params']} parameters "
+                     f"({c['params'] / c['params_before']:.3f}), ppl {c['ppl']:.3f}")
     lm = record.get("lm_eval") or {}
     for task, result in lm.get("tasks", {}).items():
         dense = lm.get("dense", {}).get("tasks", {}).get(task)
@@ -134,7 +138,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     device = resolve_device(cfg.device)
     if cfg.skip_done and not cfg.resume:
         done = find_complete(cfg, str(device))
-        if done is not None:
+        if done is not None and (done.get("compact") or not cfg.compact):
             log.info("skip_done: %s already holds complete run %s with this protocol (final ppl %s); not rerun",
                      cfg.results, done["run_id"], done["final_ppl"])
             return done
@@ -150,7 +154,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
         "run_id": new_run_id(), "status": "running", "started": now_iso(), "finished": None,
         "resumed_from_shot": None, "config": portable_config(to_container(cfg)), "protocol": protocol(cfg, str(device)),
         "dense_ppl": None, "final_ppl": None, "sparsity": None, "points": [], "layers": [], "lm_eval": None,
-        "versions": versions(), "git_commit": git_commit(), "model_dir": None, "error": None,
+        "versions": versions(), "git_commit": git_commit(), "model_dir": None, "compact": None,
+        "error": None,
     }
     if ckpt:
         record.update(status="running", resumed_from_shot=ckpt["shot"], config=portable_config(to_container(cfg)))
@@ -264,6 +269,8 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
 
     if cfg.eval.lm_eval.tasks:
         record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
+    if cfg.compact:
+        record["compact"] = _compact(model, ppl, record["final_ppl"])
     if cfg.save_model:
         model_dir = run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
@@ -275,6 +282,22 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
     append_jsonl(cfg.results, record)
     print(summary_table(record))
     return record
+
+
+def _compact(model, ppl, final_ppl: float | None) -> dict:
+    """Remove the pruned rows and columns physically (surgeon.compact) and evaluate the smaller model on the same
+    windows: its perplexity equals the zeroed model's up to float rounding."""
+    from .compact import compact
+
+    t0 = time.perf_counter()
+    report = compact(model)
+    report["ppl"] = ppl()
+    report["seconds"] = time.perf_counter() - t0
+    log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads kept), perplexity %.4f (zeroed %s)",
+             report["params_before"], report["params"], report["mlp_units"]["kept"], report["mlp_units"]["total"],
+             report["heads"]["kept"], report["heads"]["total"], report["ppl"],
+             f"{final_ppl:.4f}" if final_ppl is not None else "-")
+    return report
 
 
 def _lora(cfg, model, layers, calib: torch.Tensor, state: PruneState, shot: int) -> dict:

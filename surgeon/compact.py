@@ -1,0 +1,354 @@
+"""Compaction: a structured-pruned model made physically smaller, exactly (docs/algorithm.md section 8).
+
+Structured pruning leaves whole rows and columns of zeros. A unit goes when its removal cannot change the
+output, read from the weights themselves (so any saved model can be compacted, not only one with masks):
+- an MLP hidden unit when its activated input row is zero (with its bias, and the activation maps 0 to 0),
+  its multiplied input row is zero (gated MLPs: the product is zero), or its output column is zero;
+- a value dimension of a query head when its value row (with bias) or its output-projection column is zero;
+  a query head when all its value dimensions are; a key-value head when all the query heads it serves are;
+- a query/key dimension when its query row (with bias) is zero or its key row's weights are (a key bias
+  shifts all scores of a query alike), only where the attention has no rotary embedding (a rotary
+  dimension's frequency is fixed by its place in the head).
+A row whose weights are zero but whose bias is not (its input columns were all removed) gives every token the
+same value: a value row, or an MLP unit whose input rows all are, is folded into the next layer's bias first.
+The stock attention needs one head dimension for query, key and value in a layer and, with grouped-query
+attention, as many query heads for every key-value head: a layer keeps the largest count any kept head needs
+and pads the others with dead heads or dimensions of their own group, left as zeros and counted
+(`zeros_left`). The residual stream (embedding width) is never narrowed: the layer norms read all of it.
+
+A compacted model is a Hugging Face directory (`save_pretrained`) whose config carries the per-block shapes
+under `surgeon_compact`; `load_compact(path)` returns the stock transformers class with resized modules. When
+every block has the same shapes the config's own size fields are rewritten too, and a plain
+`AutoModelForCausalLM.from_pretrained(path)` loads it (`stock_loadable`).
+
+`python -m surgeon.compact SRC DST` compacts a saved (zeroed) model directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter, adapter_for
+
+KEY = "surgeon_compact"   # config.json entry of a compacted model
+FORMAT = 1
+
+
+@torch.no_grad()
+def _live_rows(linear: nn.Linear) -> Tensor:
+    live = (linear.weight != 0).any(1)
+    return live | (linear.bias != 0) if linear.bias is not None else live
+
+
+@torch.no_grad()
+def _live_cols(linear: nn.Linear) -> Tensor:
+    return (linear.weight != 0).any(0)
+
+
+def _keep(live: Tensor, n: int) -> Tensor:
+    """Indices of the live entries padded with the first dead ones to n entries, in their original order."""
+    order = torch.argsort((~live).to(torch.int8), stable=True)  # live first, each part in original order
+    return order[:n].sort().values
+
+
+@dataclass
+class BlockPlan:
+    """What one decoder block keeps, as indices into its current modules."""
+
+    heads: Tensor     # kept query heads, grouped by the kept key-value head they read
+    kv_heads: Tensor  # kept key-value heads
+    q_dims: Tensor    # (kept heads, head_dim') dimensions kept in each kept query head's rows
+    k_dims: Tensor    # (kept kv heads, head_dim') in each kept key head's rows
+    v_dims: Tensor    # (kept kv heads, head_dim') in each kept value head's rows
+    o_dims: Tensor    # (kept heads, head_dim') output-projection columns of each kept query head
+    mlp: Tensor       # kept MLP hidden units
+
+    def shape(self) -> dict:
+        return {"heads": len(self.heads), "kv_heads": len(self.kv_heads), "head_dim": self.q_dims.shape[1],
+                "mlp": len(self.mlp)}
+
+
+def _module(block: nn.Module, adapter: Adapter, role: str) -> nn.Linear:
+    return block.get_submodule(adapter.layer_paths[role])
+
+
+def _maps_zero_to_zero(activation: nn.Module) -> bool:
+    return bool(activation(torch.zeros(1)) == 0)
+
+
+@torch.no_grad()
+def _fold_constants(adapter: Adapter, block: nn.Module) -> None:
+    """Rows with zero weights but a bias give every token the same value: add what they contribute to the next
+    layer's bias and zero them, so that they are dead rows. Exact for value rows because attention weights sum
+    to one, and for MLP units whose every input row is constant."""
+    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    v, out = lin("v"), lin(adapter.attention_out)
+    if v.bias is not None and out.bias is not None:
+        H, K, d = adapter.heads(block.get_submodule(adapter.attention_path))
+        const = ~(v.weight != 0).any(1) & (v.bias != 0)
+        if const.any():
+            values = torch.where(const, v.bias, 0).view(K, d)[torch.arange(H, device=const.device) // (H // K)]
+            out.bias += out.weight @ values.flatten()
+            v.bias[const] = 0
+    inputs = [lin(adapter.mlp_activated)] + ([lin(adapter.mlp_multiplied)] if adapter.mlp_multiplied else [])
+    down = lin(adapter.mlp_out)
+    if down.bias is None or any(m.bias is None for m in inputs):
+        return
+    const = ~torch.stack([(m.weight != 0).any(1) for m in inputs]).any(0)
+    value = adapter.mlp_activation(block)(inputs[0].bias)
+    for m in inputs[1:]:
+        value = value * m.bias
+    const &= torch.stack([m.bias != 0 for m in inputs]).any(0)
+    if const.any():
+        down.bias += down.weight[:, const] @ value[const]
+        for m in inputs:
+            m.bias[const] = 0
+
+
+@torch.no_grad()
+def plan_block(adapter: Adapter, block: nn.Module) -> BlockPlan:
+    """The units of one block whose removal cannot change its output (module docstring), and the padding the
+    stock modules need."""
+    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    H, K, d = adapter.heads(block.get_submodule(adapter.attention_path))
+    G = H // K
+    kv_of = torch.arange(H) // G
+    v_live = _live_rows(lin("v")).view(K, d).cpu()
+    out_live = v_live[kv_of] & _live_cols(lin(adapter.attention_out)).view(H, d).cpu()
+    head_live = out_live.any(1)
+    kv_live = head_live.view(K, G).any(1)
+    kv_heads = _keep(kv_live, max(1, int(kv_live.sum())))
+    per_group = max(1, int(head_live.view(K, G)[kv_heads].sum(1).max()))
+    heads = torch.cat([k * G + _keep(head_live[k * G:(k + 1) * G], per_group) for k in kv_heads.tolist()])
+
+    if adapter.rotary or G > 1:  # dimensions stay: rotary frequencies, or a key head shared by several heads
+        q_dims = torch.arange(d).expand(len(heads), d)
+        k_dims = v_dims = torch.arange(d).expand(len(kv_heads), d)
+        o_dims = q_dims
+    else:
+        # a key bias adds the same amount to every key's score of one query: softmax ignores it
+        qk_live = _live_rows(lin("q")).view(H, d).cpu() & (lin("k").weight != 0).any(1).view(K, d).cpu()
+        width = max(1, int(qk_live[heads].sum(1).max()), int(out_live[heads].sum(1).max()))
+        q_dims = k_dims = torch.stack([_keep(qk_live[h], width) for h in heads.tolist()])
+        v_dims = o_dims = torch.stack([_keep(out_live[h], width) for h in heads.tolist()])
+
+    unit_live = _live_cols(lin(adapter.mlp_out)).cpu()
+    if _maps_zero_to_zero(adapter.mlp_activation(block)):
+        unit_live &= _live_rows(lin(adapter.mlp_activated)).cpu()
+    if adapter.mlp_multiplied:
+        unit_live &= _live_rows(lin(adapter.mlp_multiplied)).cpu()
+    mlp = _keep(unit_live, max(1, int(unit_live.sum())))
+    return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, mlp)
+
+
+def _flat(heads: Tensor, dims: Tensor, d: int) -> Tensor:
+    """Row (or column) indices of `dims` inside each of `heads`, heads of width d."""
+    return (heads[:, None] * d + dims).flatten()
+
+
+@torch.no_grad()
+def _linear(old: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
+            shape: tuple[int, int] | None = None) -> nn.Linear:
+    """A new Linear holding rows/cols of `old` (bias follows the rows), or an empty one of `shape` (out, in)."""
+    out_f, in_f = shape or (len(rows) if rows is not None else old.out_features,
+                            len(cols) if cols is not None else old.in_features)
+    new = nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    if shape is None:
+        W = old.weight
+        W = W[rows.to(W.device)] if rows is not None else W
+        W = W[:, cols.to(W.device)] if cols is not None else W
+        new.weight.copy_(W)
+        if old.bias is not None:
+            new.bias.copy_(old.bias[rows.to(W.device)] if rows is not None else old.bias)
+    return new
+
+
+def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, name, module)
+
+
+def _apply(adapter: Adapter, block: nn.Module, plan: BlockPlan) -> None:
+    attention = block.get_submodule(adapter.attention_path)
+    H, K, d = adapter.heads(attention)
+    P = adapter.layer_paths
+    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    new = {
+        "q": _linear(lin("q"), rows=_flat(plan.heads, plan.q_dims, d)),
+        "k": _linear(lin("k"), rows=_flat(plan.kv_heads, plan.k_dims, d)),
+        "v": _linear(lin("v"), rows=_flat(plan.kv_heads, plan.v_dims, d)),
+        adapter.attention_out: _linear(lin(adapter.attention_out), cols=_flat(plan.heads, plan.o_dims, d)),
+        adapter.mlp_activated: _linear(lin(adapter.mlp_activated), rows=plan.mlp),
+        adapter.mlp_out: _linear(lin(adapter.mlp_out), cols=plan.mlp),
+    }
+    if adapter.mlp_multiplied:
+        new[adapter.mlp_multiplied] = _linear(lin(adapter.mlp_multiplied), rows=plan.mlp)
+    for role, module in new.items():
+        _replace(block, P[role], module)
+    shape = plan.shape()
+    adapter.set_heads(attention, shape["heads"], shape["kv_heads"], shape["head_dim"])
+
+
+def _resize_empty(adapter: Adapter, block: nn.Module, shape: dict) -> None:
+    """Give one block the module sizes of `shape` (uninitialized weights), for loading a compacted model."""
+    attention = block.get_submodule(adapter.attention_path)
+    hd, P = shape["head_dim"], adapter.layer_paths
+    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    sizes = {"q": (shape["heads"] * hd, None), "k": (shape["kv_heads"] * hd, None),
+             "v": (shape["kv_heads"] * hd, None), adapter.attention_out: (None, shape["heads"] * hd),
+             adapter.mlp_activated: (shape["mlp"], None), adapter.mlp_out: (None, shape["mlp"])}
+    if adapter.mlp_multiplied:
+        sizes[adapter.mlp_multiplied] = (shape["mlp"], None)
+    for role, (out_f, in_f) in sizes.items():
+        old = lin(role)
+        _replace(block, P[role], _linear(old, shape=(out_f or old.out_features, in_f or old.in_features)))
+    adapter.set_heads(attention, shape["heads"], shape["kv_heads"], hd)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def _zeros(adapter: Adapter, model: nn.Module) -> tuple[int, int]:
+    layers = adapter.layers(model)
+    return (sum(int((l.module.weight == 0).sum()) for l in layers), sum(l.module.weight.numel() for l in layers))
+
+
+@torch.no_grad()
+def compact(model: nn.Module) -> dict:
+    """Remove, in place, every unit of every block whose removal cannot change the model's output; write the
+    per-block shapes into `model.config` (and its own size fields when every block agrees). Returns a report:
+    parameters before and after, kept/total heads and MLP units, and the zero weight entries left."""
+    adapter = adapter_for(model.config.model_type)
+    blocks = adapter.blocks(model)
+    before = parameter_count(model)
+    zeros_before, _ = _zeros(adapter, model)
+    heads_total = sum(adapter.heads(b.get_submodule(adapter.attention_path))[0] for b in blocks)
+    mlp_total = sum(_module(b, adapter, adapter.mlp_out).in_features for b in blocks)
+    shapes = []
+    for block in blocks:
+        _fold_constants(adapter, block)
+        plan = plan_block(adapter, block)
+        _apply(adapter, block, plan)
+        shapes.append(plan.shape())
+    stock = adapter.stock_config(model.config, shapes)
+    setattr(model.config, KEY, {"format": FORMAT, "layers": shapes, "stock_loadable": stock})
+    zeros_left, prunable = _zeros(adapter, model)
+    return {"params_before": before, "params": parameter_count(model),
+            "heads": {"kept": sum(s["heads"] for s in shapes), "total": heads_total},
+            "mlp_units": {"kept": sum(s["mlp"] for s in shapes), "total": mlp_total},
+            "zeros_before": zeros_before, "zeros_left": zeros_left, "prunable_params": prunable,
+            "stock_loadable": stock, "layers": shapes}
+
+
+class NotCompactModel(ValueError):
+    """A directory `load_compact` cannot read: the message names what is missing."""
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        raise NotCompactModel(f"{path} has no model.safetensors (or model.safetensors.index.json): save the model "
+                              "with save_pretrained (safetensors)")
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise NotCompactModel(f"{path} lacks the weight files {missing} named in model.safetensors.index.json")
+    return files
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise NotCompactModel(f"{path} is not a directory (a compacted model is a Hugging Face model directory)")
+    if not (path / "config.json").exists():
+        raise NotCompactModel(f"{path} has no config.json: not a Hugging Face model directory")
+    config = json.loads((path / "config.json").read_text())
+    entry = config.get(KEY)
+    if not isinstance(entry, dict) or "layers" not in entry:
+        raise NotCompactModel(f"{path}/config.json has no '{KEY}' entry with per-block shapes: not a model compacted "
+                              f"by surgeon; compact a saved model with: python -m surgeon.compact {path} <out dir>")
+    if entry.get("format") != FORMAT:
+        raise NotCompactModel(f"{path}/config.json: {KEY} format {entry.get('format')} is not the format this "
+                              f"version reads ({FORMAT})")
+    n = config.get("num_hidden_layers")
+    if len(entry["layers"]) != n:
+        raise NotCompactModel(f"{path}/config.json: {KEY} lists {len(entry['layers'])} blocks, num_hidden_layers "
+                              f"is {n}")
+    return config
+
+
+def load_compact(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A compacted model directory as its stock transformers class with resized modules, in eval mode.
+    A malformed or foreign directory raises NotCompactModel naming what is missing."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    shapes = _read_config(path)[KEY]["layers"]
+    files = _weight_files(path)
+    config = AutoConfig.from_pretrained(path)
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = adapter_for(config.model_type)
+    for block, shape in zip(adapter.blocks(model), shapes):
+        _resize_empty(adapter, block, shape)
+    model.to_empty(device=device)
+    state = {}
+    for f in files:
+        state.update(load_file(f, device=str(device)))
+    expected = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = sorted(set(expected) - set(state) - tied)
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise NotCompactModel(f"{path}: the weights do not match the shapes in config.json {KEY}: missing "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    wrong = [f"{k} {tuple(v.shape)} (config says {tuple(expected[k].shape)})" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise NotCompactModel(f"{path}: tensor shapes disagree with config.json {KEY}: {wrong[:3]}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    for module in model.modules():  # buffers not in the checkpoint (rotary frequencies) from the config
+        if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
+            model._init_weights(module)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m surgeon.compact", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a saved (zeroed) model directory, e.g. <run dir>/model")
+    parser.add_argument("dst", help="where the compacted model directory is written")
+    args = parser.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(args.src)
+    if not (src / "config.json").exists():
+        raise SystemExit(f"{src} has no config.json: give a saved model directory (save_model=true writes "
+                         "<run dir>/model)")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    report = compact(model)
+    model.save_pretrained(args.dst)
+    try:
+        AutoTokenizer.from_pretrained(src).save_pretrained(args.dst)
+    except (OSError, ValueError):
+        print(f"note: no tokenizer in {src}; {args.dst} holds the model only", file=sys.stderr)
+    print(json.dumps({k: v for k, v in report.items() if k != "layers"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
