@@ -280,7 +280,11 @@ def build_tables(records: list[dict]) -> dict:
             if point is None:
                 yield size, None
             else:
-                yield size, _cell(record, point.get("ppl"), point.get("shot"), point.get("sparsity"))
+                cell = _cell(record, point.get("ppl"), point.get("shot"), point.get("sparsity"))
+                compact = record.get("compact")
+                if cell and compact and point is record["points"][-1]:  # compacted after its last shot
+                    cell["params"] = compact["params"] / compact["params_before"]
+                yield size, cell
 
     in_paper = {id(r) for r in structured + unstructured + two_four}
     other = [r for r in records if id(r) not in in_paper]
@@ -337,7 +341,10 @@ def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def _value(cell: dict | None, missing: str) -> str:
-    return missing if cell is None else f"{cell['ppl']:.2f}"
+    """Perplexity; for a compacted run also its parameters after compaction as a fraction of the model's."""
+    if cell is None:
+        return missing
+    return f"{cell['ppl']:.2f}" + (f" ({cell['params']:.0%} params)" if cell.get("params") else "")
 
 
 def _column_label(column: dict) -> str:

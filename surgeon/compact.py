@@ -1,4 +1,4 @@
-"""Compaction: a structured-pruned model made physically smaller, exactly (docs/algorithm.md section 8).
+"""Compaction: a structured-pruned model made physically smaller, exactly (docs/algorithm.md section 9).
 
 Structured pruning leaves whole rows and columns of zeros. A unit goes when its removal cannot change the
 output, read from the weights themselves (so any saved model can be compacted, not only one with masks):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-from conftest import ROOT
+import surgeon
+from conftest import ROOT, compose
 from surgeon.adapters import adapter_for
 from surgeon.compact import KEY, NotCompactModel, compact, load_compact, parameter_count
 
@@ -228,3 +229,60 @@ def test_compact_command_on_a_saved_model(tmp_path):
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["mlp_units"] == {"kept": 48 * 2 - 16, "total": 96}
     torch.testing.assert_close(logits(load_compact(tmp_path / "small"), ids), before, rtol=1e-5, atol=1e-5)
+
+
+# --- the runner: compact=true on the testbed models --------------------------------------------------------
+
+def removed_mlp_units(run_dir, model_type):
+    """MLP hidden units the shots removed, from the masks in the run's checkpoint (not from compaction): an
+    input row (fc1; gate or up) or the output column (fc2; down) removed."""
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]
+    adapter = adapter_for(model_type)
+    removed = total = 0
+    for i in range(len(state["rows"]) // len(adapter.layer_paths)):
+        name = lambda role: f"{adapter.blocks_path}.{i}.{adapter.layer_paths[role]}"  # noqa: E731
+        dead = state["cols"][name(adapter.mlp_out)].clone()
+        for role in filter(None, (adapter.mlp_activated, adapter.mlp_multiplied)):
+            dead |= state["rows"][name(role)]
+        removed, total = removed + int(dead.sum()), total + dead.numel()
+    return removed, total
+
+
+def check_runner_compact(tmp_path, model, target, max_windows, shots):
+    from surgeon import runner
+    from surgeon.evaluate import perplexity
+
+    cfg = compose(["calib.n=8", "calib.seq_len=64", "calib.batch_size=4", f"eval.max_windows={max_windows}",
+                   f"results={tmp_path}/records.jsonl", f"model={model}", "structure=structured", f"target={target}",
+                   f"shots={shots}", "compact=true", "save_model=true"])
+    record = runner.run(cfg, tmp_path / "run")
+    c = record["compact"]
+    assert c["ppl"] == pytest.approx(record["final_ppl"], rel=1e-5)
+    removed, total = removed_mlp_units(tmp_path / "run", "opt" if model.startswith("opt") else "llama")
+    assert removed > 0 and c["mlp_units"] == {"kept": total - removed, "total": total}
+    loaded = surgeon.load_compact(record["model_dir"])  # the documented call
+    hidden = loaded.config.hidden_size
+    per_unit = 2 * hidden + 1 if model.startswith("opt") else 3 * hidden  # OPT: fc1 row, its bias, fc2 column
+    assert c["params_before"] - c["params"] >= removed * per_unit
+    assert parameter_count(loaded) == c["params"]
+    windows = runner.prepare_data(cfg).eval_windows
+    assert perplexity(loaded, windows, 8) == pytest.approx(record["final_ppl"], rel=1e-5)
+    return record
+
+
+@pytest.mark.parametrize("model,target", [("opt-tiny", 0.3), ("opt-tiny", 0.5), ("llama-tiny", 0.3),
+                                          ("llama-tiny", 0.5)])
+def test_runner_compact_keeps_perplexity_and_reloads(model, target, tmp_path, shared):
+    check_runner_compact(tmp_path, model, target, max_windows=16, shots=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [0.3, 0.5])
+@pytest.mark.parametrize("model", ["opt-tiny", "llama-tiny", "smollm2-135m"])
+def test_runner_compact_all_windows_and_real_model(model, target, tmp_path, shared):
+    """All test windows of the testbed models; the real model (when installed) on its first 32 windows."""
+    if model == "smollm2-135m":
+        from test_real_model import needs_real_model
+
+        needs_real_model()
+    check_runner_compact(tmp_path, model, target, max_windows=32 if model == "smollm2-135m" else "null", shots=2)

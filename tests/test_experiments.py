@@ -112,6 +112,14 @@ def test_structured_table_reads_sizes_off_the_multishot_run(tables):
     assert list(t)[1:] == ["Dense (100%)", "Magnitude", "K-OBD", "LLM Surgeon (rank=1)", "LLM Surgeon (rank=2)"]
 
 
+def test_a_compacted_run_shows_its_parameters_next_to_its_last_size():
+    compacted = record("s-compact", shots=5, ppl=lambda shot: 100.0 + shot)
+    compacted["compact"] = {"params": 2_500_000, "params_before": 4_000_000}
+    t = md_table(to_markdown(build_tables(select_records([compacted]))), "Structured")
+    # shots 1..5 of 5 to 50%: sizes 90..50%; compacted after the last shot only
+    assert t["LLM Surgeon"][:5] == ["101.00", "102.00", "103.00", "104.00", "105.00 (62% params)"]
+
+
 def test_unstructured_and_two_four_tables(tables):
     markdown = to_markdown(tables)
     u = md_table(markdown, "Unstructured")
