@@ -98,6 +98,10 @@ class WandbLogger:
                 summary[f"{prefix}/{task}/{result['metric']}"] = result["value"]
                 if result.get("stderr") is not None:
                     summary[f"{prefix}/{task}/{result['metric']}_stderr"] = result["stderr"]
+        compact = record.get("compact")
+        if compact:
+            summary.update({"compact/params": compact["params"], "compact/params_before": compact["params_before"],
+                            "compact/ppl": compact["ppl"]})
         self.run.summary.update(summary)
 
         table = wandb.Table(columns=["name", "type", "block", "shape", "sparsity"],
