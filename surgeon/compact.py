@@ -322,6 +322,10 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu", dtype: to
         raise NotCompactModel(f"{path}: tensor shapes disagree with config.json {KEY}: {wrong[:3]}")
     model.load_state_dict(state, strict=False)
     model.tie_weights()
+    if (path / "generation_config.json").exists():  # as from_pretrained does: generate()'s defaults
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     for module in model.modules():  # buffers not in the checkpoint (rotary frequencies) from the config
         if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
             model._init_weights(module)

@@ -274,6 +274,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
     if cfg.save_model:
         model_dir = run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
+        model.config.use_cache = True  # off only for calibration and evaluation here; a user's generate wants it
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         record["model_dir"] = str(model_dir.resolve())

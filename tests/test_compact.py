@@ -139,6 +139,7 @@ def test_all_couplings_together_then_save_and_load(family, tmp_path):
     assert saved["layers"] == report["layers"]
     loaded = load_compact(tmp_path / "m")
     assert type(loaded) is type(model) and loaded.dtype == torch.float64
+    assert loaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
     assert parameter_count(loaded) == report["params"]
     torch.testing.assert_close(logits(loaded, ids), before, rtol=1e-6, atol=1e-6)
     # generation with the key-value cache (layers of different widths)
@@ -264,7 +265,7 @@ def check_runner_compact(tmp_path, model, target, max_windows, shots):
     hidden = loaded.config.hidden_size
     per_unit = 2 * hidden + 1 if model.startswith("opt") else 3 * hidden  # OPT: fc1 row, its bias, fc2 column
     assert c["params_before"] - c["params"] >= removed * per_unit
-    assert parameter_count(loaded) == c["params"]
+    assert parameter_count(loaded) == c["params"] and loaded.config.use_cache  # saved for generation
     windows = runner.prepare_data(cfg).eval_windows
     assert perplexity(loaded, windows, 8) == pytest.approx(record["final_ppl"], rel=1e-5)
     return record
