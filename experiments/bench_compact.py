@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,16 +67,16 @@ def peak_memory(model_dir: str, compacted: bool, device: str, seq_len: int, new_
 
     import surgeon.compact  # noqa: F401
 
+    from experiments.bench_scale import PeakMemory
+
     device = torch.device(device)
-    baseline = _rss_mb()  # the process without the model: interpreter, torch, transformers
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model = _load(model_dir, compacted, device)
-    for run in _workloads(model, _inputs(model.config.vocab_size, seq_len, device), new_tokens).values():
-        run()
-    _sync(device)
-    return {"peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}
+    baseline = PeakMemory.rss()  # the process without the model: interpreter, torch, transformers
+    # sampled resident memory: ru_maxrss would carry the parent's peak across fork and exec
+    with PeakMemory(device) as peak:
+        model = _load(model_dir, compacted, device)
+        for run in _workloads(model, _inputs(model.config.vocab_size, seq_len, device), new_tokens).values():
+            run()
+    return {"peak_mb": (peak.peak - (0 if device.type == "cuda" else baseline)) / 2**20}
 
 
 @torch.no_grad()
@@ -107,10 +106,6 @@ def timings(dirs: dict[str, tuple[Path, bool]], device: torch.device, seq_len: i
                   "generate_tok_s": new_tokens / med["generate"]}
     return out
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_in_child(model_dir: Path, compacted: bool, args) -> float:
