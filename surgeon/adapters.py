@@ -50,6 +50,11 @@ class Adapter:
         """Tell a resized attention module its new head counts (its Linear layers are already resized)."""
         raise NotImplementedError
 
+    def uniform_shape(self, shapes: list[dict], dense: list[tuple[int, int, int]]) -> dict:
+        """The smallest padding (kv_heads, per_group, head_dim, mlp) that gives every block the same shapes the
+        stock config can describe; `dense` is each block's (heads, kv_heads, head_dim) before compaction."""
+        raise NotImplementedError
+
     def stock_config(self, config, shapes: list[dict]) -> bool:
         """Write `shapes` (one dict per block: heads, kv_heads, head_dim, mlp) into the model's own config
         fields when the stock model class can hold them (the same in every block); False when it cannot."""
@@ -94,6 +99,10 @@ class OPTAdapter(Adapter):
         # the query scaling stays the original head_dim ** -0.5: removed dimensions contributed nothing
         attention.num_heads, attention.head_dim = heads, head_dim
 
+    def uniform_shape(self, shapes, dense):
+        H, _, d = dense[0]  # OPT's config has one head count and derives head_dim: the attention stays whole
+        return {"kv_heads": H, "per_group": 1, "head_dim": d, "mlp": max(s["mlp"] for s in shapes)}
+
     def stock_config(self, config, shapes):
         # OPTAttention derives head_dim from hidden_size / num_attention_heads: only the MLP width can change
         H, d = config.num_attention_heads, config.hidden_size // config.num_attention_heads
@@ -133,6 +142,11 @@ class LlamaAdapter(Adapter):
         if head_dim != attention.head_dim:
             raise ValueError(f"a rotary attention keeps head_dim {attention.head_dim}, got {head_dim}")
         attention.num_key_value_groups = heads // kv_heads
+
+    def uniform_shape(self, shapes, dense):
+        return {"kv_heads": max(s["kv_heads"] for s in shapes),
+                "per_group": max(s["heads"] // s["kv_heads"] for s in shapes),
+                "head_dim": dense[0][2], "mlp": max(s["mlp"] for s in shapes)}
 
     def stock_config(self, config, shapes):
         if len({(s["heads"], s["kv_heads"], s["mlp"]) for s in shapes}) != 1:

@@ -112,9 +112,11 @@ def _fold_constants(adapter: Adapter, block: nn.Module) -> None:
 
 
 @torch.no_grad()
-def plan_block(adapter: Adapter, block: nn.Module) -> BlockPlan:
+def plan_block(adapter: Adapter, block: nn.Module, at_least: dict | None = None) -> BlockPlan:
     """The units of one block whose removal cannot change its output (module docstring), and the padding the
-    stock modules need."""
+    stock modules need; `at_least` (kv_heads, per_group, head_dim, mlp) pads further, to shapes shared by all
+    blocks."""
+    at_least = at_least or {}
     lin = lambda role: _module(block, adapter, role)  # noqa: E731
     H, K, d = adapter.heads(block.get_submodule(adapter.attention_path))
     G = H // K
@@ -123,8 +125,8 @@ def plan_block(adapter: Adapter, block: nn.Module) -> BlockPlan:
     out_live = v_live[kv_of] & _live_cols(lin(adapter.attention_out)).view(H, d).cpu()
     head_live = out_live.any(1)
     kv_live = head_live.view(K, G).any(1)
-    kv_heads = _keep(kv_live, max(1, int(kv_live.sum())))
-    per_group = max(1, int(head_live.view(K, G)[kv_heads].sum(1).max()))
+    kv_heads = _keep(kv_live, max(1, int(kv_live.sum()), at_least.get("kv_heads", 0)))
+    per_group = max(1, int(head_live.view(K, G)[kv_heads].sum(1).max()), at_least.get("per_group", 0))
     heads = torch.cat([k * G + _keep(head_live[k * G:(k + 1) * G], per_group) for k in kv_heads.tolist()])
 
     if adapter.rotary or G > 1:  # dimensions stay: rotary frequencies, or a key head shared by several heads
@@ -134,7 +136,8 @@ def plan_block(adapter: Adapter, block: nn.Module) -> BlockPlan:
     else:
         # a key bias adds the same amount to every key's score of one query: softmax ignores it
         qk_live = _live_rows(lin("q")).view(H, d).cpu() & (lin("k").weight != 0).any(1).view(K, d).cpu()
-        width = max(1, int(qk_live[heads].sum(1).max()), int(out_live[heads].sum(1).max()))
+        width = max(1, int(qk_live[heads].sum(1).max()), int(out_live[heads].sum(1).max()),
+                    at_least.get("head_dim", 0))
         q_dims = k_dims = torch.stack([_keep(qk_live[h], width) for h in heads.tolist()])
         v_dims = o_dims = torch.stack([_keep(out_live[h], width) for h in heads.tolist()])
 
@@ -143,7 +146,7 @@ def plan_block(adapter: Adapter, block: nn.Module) -> BlockPlan:
         unit_live &= _live_rows(lin(adapter.mlp_activated)).cpu()
     if adapter.mlp_multiplied:
         unit_live &= _live_rows(lin(adapter.mlp_multiplied)).cpu()
-    mlp = _keep(unit_live, max(1, int(unit_live.sum())))
+    mlp = _keep(unit_live, max(1, int(unit_live.sum()), at_least.get("mlp", 0)))
     return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, mlp)
 
 
@@ -223,22 +226,28 @@ def _zeros(adapter: Adapter, model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def compact(model: nn.Module) -> dict:
+def compact(model: nn.Module, uniform: bool = False) -> dict:
     """Remove, in place, every unit of every block whose removal cannot change the model's output; write the
-    per-block shapes into `model.config` (and its own size fields when every block agrees). Returns a report:
-    parameters before and after, kept/total heads and MLP units, and the zero weight entries left."""
+    per-block shapes into `model.config` (and its own size fields when every block agrees). `uniform` pads every
+    block to the shapes the stock config can describe (the widest block's), so that a plain `from_pretrained`
+    loads the result. Returns a report: parameters before and after, kept/total heads and MLP units, and the zero
+    weight entries left."""
     adapter = adapter_for(model.config.model_type)
     blocks = adapter.blocks(model)
     before = parameter_count(model)
     zeros_before, _ = _zeros(adapter, model)
     heads_total = sum(adapter.heads(b.get_submodule(adapter.attention_path))[0] for b in blocks)
     mlp_total = sum(_module(b, adapter, adapter.mlp_out).in_features for b in blocks)
-    shapes = []
     for block in blocks:
         _fold_constants(adapter, block)
-        plan = plan_block(adapter, block)
+    dense = [adapter.heads(b.get_submodule(adapter.attention_path)) for b in blocks]
+    plans = [plan_block(adapter, block) for block in blocks]
+    if uniform:
+        at_least = adapter.uniform_shape([p.shape() for p in plans], dense)
+        plans = [plan_block(adapter, block, at_least) for block in blocks]
+    for block, plan in zip(blocks, plans):
         _apply(adapter, block, plan)
-        shapes.append(plan.shape())
+    shapes = [p.shape() for p in plans]
     stock = adapter.stock_config(model.config, shapes)
     setattr(model.config, KEY, {"format": FORMAT, "layers": shapes, "stock_loadable": stock})
     zeros_left, prunable = _zeros(adapter, model)
@@ -246,7 +255,7 @@ def compact(model: nn.Module) -> dict:
             "heads": {"kept": sum(s["heads"] for s in shapes), "total": heads_total},
             "mlp_units": {"kept": sum(s["mlp"] for s in shapes), "total": mlp_total},
             "zeros_before": zeros_before, "zeros_left": zeros_left, "prunable_params": prunable,
-            "stock_loadable": stock, "layers": shapes}
+            "stock_loadable": stock, "uniform": uniform, "layers": shapes}
 
 
 class NotCompactModel(ValueError):
@@ -336,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m surgeon.compact", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a saved (zeroed) model directory, e.g. <run dir>/model")
     parser.add_argument("dst", help="where the compacted model directory is written")
+    parser.add_argument("--uniform", action="store_true",
+                        help="pad every block to the widest one, so that AutoModelForCausalLM.from_pretrained loads it")
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -344,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{src} has no config.json: give a saved model directory (save_model=true writes "
                          "<run dir>/model)")
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
-    report = compact(model)
+    report = compact(model, uniform=args.uniform)
     model.save_pretrained(args.dst)
     try:
         AutoTokenizer.from_pretrained(src).save_pretrained(args.dst)

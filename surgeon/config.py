@@ -268,11 +268,12 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; the keys are listed in conf/config.yaml "
                           "and the README (a typo? `+key=value` adds a key, it does not check it)")
     _one_of("model.dtype", cfg.model.get("dtype", "float32"), DTYPES)
-    for key in ("save_model", "compact"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key}={cfg[key]!r} must be true or false")
+    if not isinstance(cfg.save_model, bool):
+        raise ConfigError(f"save_model={cfg.save_model!r} must be true or false")
+    if not (isinstance(cfg.compact, bool) or cfg.compact == "uniform"):
+        raise ConfigError(f"compact={cfg.compact!r}; valid values: false, true, uniform")
     if cfg.compact and cfg.structure.name != "structured":
-        raise ConfigError(f"compact=true needs structure=structured: {cfg.structure.name} zeros are not whole rows "
+        raise ConfigError(f"compact={str(cfg.compact).lower()} needs structure=structured: {cfg.structure.name} zeros are not whole rows "
                           "and columns, nothing would get smaller")
     _positive_int("curvature.rank2_iters", cfg.curvature.rank2_iters)
     lora = cfg.lora

@@ -138,7 +138,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     device = resolve_device(cfg.device)
     if cfg.skip_done and not cfg.resume:
         done = find_complete(cfg, str(device))
-        if done is not None and (done.get("compact") or not cfg.compact):
+        wanted = not cfg.compact or (done or {}).get("compact") and done["compact"].get("uniform") == (
+            cfg.compact == "uniform")
+        if done is not None and wanted:
             log.info("skip_done: %s already holds complete run %s with this protocol (final ppl %s); not rerun",
                      cfg.results, done["run_id"], done["final_ppl"])
             return done
@@ -270,7 +272,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
     if cfg.eval.lm_eval.tasks:
         record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
     if cfg.compact:
-        record["compact"] = _compact(model, ppl, record["final_ppl"])
+        record["compact"] = _compact(model, ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
     if cfg.save_model:
         model_dir = run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
@@ -285,13 +287,13 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
     return record
 
 
-def _compact(model, ppl, final_ppl: float | None) -> dict:
+def _compact(model, ppl, final_ppl: float | None, uniform: bool) -> dict:
     """Remove the pruned rows and columns physically (surgeon.compact) and evaluate the smaller model on the same
     windows: its perplexity equals the zeroed model's up to float rounding."""
     from .compact import compact
 
     t0 = time.perf_counter()
-    report = compact(model)
+    report = compact(model, uniform=uniform)
     report["ppl"] = ppl()
     report["seconds"] = time.perf_counter() - t0
     log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads kept), perplexity %.4f (zeroed %s)",

@@ -2,6 +2,7 @@
 and Llama (grouped-query attention) models — outputs equal before and after; the saved format and its loader;
 and the runner's `compact=true` on the testbed models (perplexity equal to the zeroed model's, reloaded from
 disk by `load_compact`, parameters below the zeroed count by at least the removed MLP units)."""
+import copy
 import json
 import subprocess
 import sys
@@ -173,17 +174,37 @@ def test_uniform_shapes_load_with_stock_from_pretrained(tmp_path):
     torch.testing.assert_close(logits(stock, ids), before, rtol=1e-6, atol=1e-6)
 
 
-def test_different_widths_are_not_stock_loadable(tmp_path):
-    model = tiny("opt")
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_different_widths_load_stock_only_when_made_uniform(family, tmp_path):
+    model = tiny(family)
+    out, group = ("out", [1]) if family == "opt" else ("o", [0, 3])
     with torch.no_grad():
-        zero_rows(model, "fc1", slice(0, 10))
-    report = compact(model)
-    assert not report["stock_loadable"]
-    model.save_pretrained(tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["ffn_dim"] == 64  # the config's own fields keep the dense sizes; the blocks are in KEY
-    with pytest.raises(Exception):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        zero_rows(model, "fc1" if family == "opt" else "up", slice(0, 10))  # block 0 only
+        zero_cols(model, out, dims(group, range(8)))
+        _in_block(model, lambda m: (zero_rows(m, "fc1" if family == "opt" else "up", slice(0, 4)),
+                                    zero_cols(m, out, dims(group, range(8)))), 1)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    before = logits(model, ids)
+    ragged = copy.deepcopy(model)
+    ragged_report = compact(ragged)
+    assert not ragged_report["stock_loadable"]
+    ragged.save_pretrained(tmp_path / "ragged")
+    config = json.loads((tmp_path / "ragged" / "config.json").read_text())
+    dense_mlp = 64 if family == "opt" else 48
+    assert config["ffn_dim" if family == "opt" else "intermediate_size"] == dense_mlp
+    with pytest.raises(Exception):  # the config's own fields keep the dense sizes; the blocks are in KEY
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ragged")
+
+    report = compact(model, uniform=True)
+    assert report["stock_loadable"] and report["uniform"]
+    mlp = dense_mlp - 4  # the wider block's
+    heads = 4 if family == "opt" else 2        # OPT keeps whole attention; Llama one query head per group
+    assert report["layers"] == [{**DENSE[family], "mlp": mlp, "heads": heads}] * 2
+    assert ragged_report["params"] < report["params"] < report["params_before"]  # padding costs parameters
+    model.save_pretrained(tmp_path / "uniform")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", dtype=torch.float64).eval()
+    torch.testing.assert_close(logits(stock, ids), before, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits(load_compact(tmp_path / "uniform"), ids), before, rtol=1e-6, atol=1e-6)
 
 
 def test_loader_names_what_is_missing(tmp_path):

@@ -60,6 +60,8 @@ BAD = [
     (["model.name_or_path=/nonexistent/model"], "model.name_or_path"),
     (["model.name_or_path=./relative/model"], "model.name_or_path"),
     (["method=sparsegpt", "structure=semistructured", "shots=5"], "shots=1"),
+    (["structure=unstructured", "target=0.5", "compact=true"], "compact=true needs structure=structured"),
+    (["compact=yes please"], "compact='yes please'; valid values: false, true, uniform"),
 ]
 
 
