@@ -123,7 +123,8 @@ def assert_same_weights(layers, ref_layers):
     ("llama", ShotOptions()),
     ("opt", ShotOptions(solver="grouped", max_correlate=20)),
     ("opt", ShotOptions(structure="semistructured", n=1, m=4)),
-], ids=["opt-joint", "llama-joint", "opt-grouped", "opt-nm-1:4"])
+    ("llama", ShotOptions(structure="semistructured", n=2, m=4)),  # grouped-query attention: k, v 8 x 16
+], ids=["opt-joint", "llama-joint", "opt-grouped", "opt-nm-1:4", "llama-nm-2:4"])
 def test_shots_equal_the_dense_reference(family, opts):
     """Every shot: fresh curvature, damped KFAC costs, one global threshold, OBS update applied."""
     model, layers, batches = setup(family)
