@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -221,22 +222,56 @@ def _table(title, row_header, records, sizes, row_of, cells_of) -> dict:
                 dense[index[model, size]] = _cell(newest, newest["dense_ppl"], 0, 0.0)
     table["rows"].append({"label": [DENSE] + [""] * (len(row_header) - 1), "cells": dense})
 
-    rows, labels = {}, {}
+    rows, labels, seeds = {}, {}, {}
     for record in sorted(records, key=_newness):
         key, label = row_of(record)
         labels[key] = label
         cells = rows.setdefault(key, [None] * len(columns))
+        seed = record["protocol"].get("calib", {}).get("seed")
         for size, cell in cells_of(record):
             i = index[model_name(record), size]
-            if cells[i] is not None and cell is not None:
-                warnings.warn(f"{title}: records {cells[i]['run_id']} and {cell['run_id']} fill the same cell "
+            if cell is None:
+                continue
+            runs = seeds.setdefault((key, i), {})  # calibration seed -> cell
+            if seed in runs:
+                warnings.warn(f"{title}: records {runs[seed]['run_id']} and {cell['run_id']} fill the same cell "
                               f"({' '.join(label)}, {model_name(record)}); showing the newer {cell['run_id']}")
-            if cell is not None:
-                cells[i] = cell
+            runs[seed] = cell
+            cells[i] = _over_seeds(list(runs.values()))
     for key in sorted(rows, key=lambda k: (_method_order(k[0]), [_order(v) for _, v in k[1]],
                                            [_order(v) for v in (k[2] if isinstance(k[2], tuple) else (k[2],))])):
         table["rows"].append({"label": labels[key], "cells": rows[key]})
+    table["notes"] = _within_spread(table)
     return table
+
+
+def _over_seeds(runs: list[dict]) -> dict:
+    """One cell from runs that differ only in the calibration seed: mean perplexity, sample standard deviation."""
+    if len(runs) == 1:
+        return runs[0]
+    ppls = [run["ppl"] for run in runs]
+    return {**runs[-1], "ppl": statistics.mean(ppls), "std": statistics.stdev(ppls), "n": len(runs),
+            "run_ids": [run["run_id"] for run in runs]}
+
+
+def _within_spread(table: dict) -> list[str]:
+    """Per column, the methods whose difference from the column's best is smaller than the spread over seeds
+    (the sum of the two standard deviations): the seeds do not tell them apart."""
+    notes = []
+    for i, column in enumerate(table["columns"]):
+        cells = [(row["label"], row["cells"][i]) for row in table["rows"][1:] if row["cells"][i] is not None]
+        if not any(cell.get("n", 1) > 1 for _, cell in cells):
+            continue
+        best_label, best = min(cells, key=lambda lc: lc[1]["ppl"])
+        name = lambda label: ", ".join([label[0]] + [f"{h.lower()} {v}" for h, v in zip(table["row_header"][1:],  # noqa: E731
+                                                                                         label[1:])])
+        for label, cell in cells:
+            spread = best.get("std", 0.0) + cell.get("std", 0.0)
+            if cell is not best and cell["ppl"] - best["ppl"] < spread:
+                notes.append(f"{_column_label(column)}: {name(label)} ({_value(cell, '')}) and {name(best_label)} "
+                             f"({_value(best, '')}) differ by {cell['ppl'] - best['ppl']:.2f}, less than their "
+                             f"spread over calibration seeds ({spread:.2f})")
+    return notes
 
 
 def build_tables(records: list[dict]) -> dict:
@@ -319,8 +354,10 @@ def structure_label(record: dict) -> str:
 def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
     """Records split by measurement protocol (calibration data, evaluation, quick): [(title suffix, records)],
     the group with the most runs first, then the newest; the suffix names the settings that differ."""
-    def key(record):
-        return json.dumps({k: record["protocol"].get(k) for k in MEASUREMENT}, sort_keys=True)
+    def key(record):  # runs that differ only in the calibration seed share a table (their cells: mean ± std)
+        measured = {k: record["protocol"].get(k) for k in MEASUREMENT}
+        measured["calib"] = {k: v for k, v in (measured["calib"] or {}).items() if k != "seed"}
+        return json.dumps(measured, sort_keys=True)
 
     groups = {}
     for record in records:
@@ -328,7 +365,7 @@ def by_measurement(records: list[dict]) -> list[tuple[str, list[dict]]]:
     ordered = sorted(groups.values(), key=lambda g: (len(g), max(_newness(r) for r in g)), reverse=True)
     if len(ordered) < 2:
         return [("", g) for g in ordered]
-    paths = [(group, label, path) for group in MEASUREMENT for label, path in SUMMARY[group]]
+    paths = [(group, label, path) for group in MEASUREMENT for label, path in SUMMARY[group] if label != "seed"]
     differ = [(group, label, path) for group, label, path in paths
               if len({json.dumps(_get(g[0]["protocol"], path)) for g in ordered}) > 1]
 
@@ -344,7 +381,8 @@ def _value(cell: dict | None, missing: str) -> str:
     """Perplexity; for a compacted run also its parameters after compaction as a fraction of the model's."""
     if cell is None:
         return missing
-    return f"{cell['ppl']:.2f}" + (f" ({cell['params']:.0%} params)" if cell.get("params") else "")
+    ppl = f"{cell['ppl']:.2f}" + (f" ± {cell['std']:.2f}" if cell.get("n", 1) > 1 else "")
+    return ppl + (f" ({cell['params']:.0%} params)" if cell.get("params") else "")
 
 
 def _column_label(column: dict) -> str:
@@ -366,6 +404,9 @@ def to_markdown(tables: dict) -> str:
         for row in table["rows"]:
             out.append("| " + " | ".join(row["label"] + [_value(c, MISSING_MD) for c in row["cells"]]) + " |")
         out.append("")
+        if any(c.get("n", 1) > 1 for row in table["rows"] for c in row["cells"] if c):
+            out += ["Cells over several calibration seeds: mean ± sample standard deviation.", ""]
+        out += [f"- Not resolved: {note}." for note in table.get("notes", [])] + ([""] if table.get("notes") else [])
     return "\n".join(out)
 
 
@@ -400,7 +441,8 @@ def to_latex(tables: dict) -> str:
                        + r" \\")
         out.append(r"\midrule")
         for i, row in enumerate(table["rows"]):
-            cells = [_tex(label) for label in row["label"]] + [_value(c, MISSING_TEX) for c in row["cells"]]
+            cells = [_tex(label) for label in row["label"]] + [
+                _tex(_value(c, MISSING_TEX)).replace("±", r"$\pm$") for c in row["cells"]]
             out.append(" & ".join(cells) + r" \\")
             if i == 0:
                 out.append(r"\midrule")  # the dense baseline stands apart

@@ -120,6 +120,29 @@ def test_a_compacted_run_shows_its_parameters_next_to_its_last_size():
     assert t["LLM Surgeon"][:5] == ["101.00", "102.00", "103.00", "104.00", "105.00 (62% params)"]
 
 
+def test_runs_that_differ_only_in_the_calibration_seed_share_a_cell():
+    def seeded(run_id, method, seed, ppl):
+        r = record(run_id, method=method, structure="unstructured", shots=5, ppl=lambda shot: ppl)
+        r["protocol"]["calib"]["seed"] = seed
+        return r
+
+    runs = [seeded("s100", "surgeon", 100, 120.0), seeded("s101", "surgeon", 101, 122.0),
+            seeded("s102", "surgeon", 102, 124.0), seeded("k100", "kobd", 100, 123.0),
+            seeded("m100", "magnitude", 100, 200.0)]
+    tables = build_tables(select_records(runs))
+    assert "unstructured-2" not in tables  # one table, not one per seed
+    markdown = to_markdown(tables)
+    t = md_table(markdown, "Unstructured")
+    assert t["LLM Surgeon / 5"][0] == "122.00 ± 2.00"  # mean, sample standard deviation of 120, 122, 124
+    assert t["K-OBD / 5"][0] == "123.00" and t["Magnitude / 5"][0] == "200.00"
+    assert "seed=100/101/102" in markdown and "mean ± sample standard deviation" in markdown
+    # K-OBD is 1.00 worse than the best, less than the spread 2.00: reported as not resolved; magnitude is not
+    assert ("- Not resolved: opt-tiny 50%: K-OBD, shots 5 (123.00) and LLM Surgeon, shots 5 (122.00 ± 2.00) differ by "
+            "1.00, less than their spread over calibration seeds (2.00).") in markdown
+    assert "Magnitude, shots 5 (200.00) and" not in markdown
+    assert r"122.00 $\pm$ 2.00" in to_latex(tables)
+
+
 def test_unstructured_and_two_four_tables(tables):
     markdown = to_markdown(tables)
     u = md_table(markdown, "Unstructured")
