@@ -16,7 +16,7 @@ METHODS = ("surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda")
 STRUCTURES = ("unstructured", "semistructured", "structured")
 CORRELATIONS = ("none", "independent", "layer")
 SELECTIONS = ("global", "uniform")
-CURVATURE_KINDS = ("kfac", "diag_a", "identity", "layerwise")
+CURVATURE_KINDS = ("kfac", "diag_a", "identity", "none")
 FISHERS = ("empirical", "sampled")
 UNIONS = ("exact", "additive")
 SOLVERS = ("joint", "grouped")
@@ -205,15 +205,16 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     if method in LAYERWISE_METHODS:
         if structure == "structured":
             raise ConfigError(f"method={method} cannot do structure=structured; valid: unstructured, semistructured")
-        if cfg.curvature.kind != "layerwise":
-            raise ConfigError(f"method={method} needs curvature.kind=layerwise (set by its preset)")
+        if cfg.curvature.kind != "none":
+            raise ConfigError(f"method={method} gathers its own layer-wise statistics: curvature.kind must be none "
+                              "(set by its preset)")
         if cfg.curvature.rank != 1:
             raise ConfigError(f"method={method} has no Kronecker rank; use curvature.rank=1")
         if structure == "semistructured" and cfg.shots != 1:
             raise ConfigError(f"shots={cfg.shots}: method={method} with structure=semistructured prunes every "
                               "block to N:M at once; use shots=1")
-    elif cfg.curvature.kind == "layerwise":
-        raise ConfigError(f"curvature.kind=layerwise is only for method=sparsegpt|wanda, not method={method}")
+    elif cfg.curvature.kind == "none":
+        raise ConfigError(f"curvature.kind=none is only for method=sparsegpt|wanda, not method={method}")
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
 
@@ -345,7 +346,7 @@ def run_settings(cfg: DictConfig) -> dict:
     """The settings of surgeon.memory.estimate that a config sets."""
     return dict(dtype=cfg.model.dtype, kind=cfg.curvature.kind, rank=cfg.curvature.rank, structure=cfg.structure.name,
                 calib_batch=cfg.calib.batch_size, calib_seq_len=cfg.calib.seq_len, eval_batch=cfg.eval.batch_size,
-                eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.curvature.kind == "layerwise",
+                eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.method.name in LAYERWISE_METHODS,
                 offload=cfg.curvature.offload == "cpu")
 
 

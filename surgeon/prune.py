@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
+from .config import LAYERWISE_METHODS
 from .curvature import estimate_curvature
 from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import select_nm, select_structured, select_unstructured
@@ -166,7 +167,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
     Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none."""
     device = next(model.parameters()).device
-    if opts.kind == "layerwise":
+    if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
 
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import PACKAGE_PREFIX, PROJECT_ROOT, shared_dir
+from .config import LAYERWISE_METHODS, PACKAGE_PREFIX, PROJECT_ROOT, shared_dir
 
 
 def now_iso() -> str:
@@ -94,6 +94,8 @@ def upgrade(record: dict) -> dict:
         if isinstance(record["config"].get("curvature"), dict):  # before curvature.precision, passes were fp32
             record["config"]["curvature"].setdefault("precision", "fp32")
             record["config"]["curvature"].setdefault("offload", "none")
+            if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
+                record["config"]["curvature"]["kind"] = "none"
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -101,7 +103,7 @@ def upgrade(record: dict) -> dict:
         p.setdefault("precision", "fp32")
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
-                  and p.get("method") not in ("sparsegpt", "wanda"))
+                  and p.get("method") not in LAYERWISE_METHODS)
         p["solver"] = "grouped" if solves else None
         if not solves:
             p["max_correlate"] = None
@@ -180,7 +182,7 @@ def protocol(cfg, device: str) -> dict:
 
 def element_solver(cfg) -> str | None:
     """The solver of the joint element / N:M updates, None for runs that make none (structured, OBD, layer-wise)."""
-    if cfg.structure.name == "structured" or cfg.correlation != "layer" or cfg.curvature.kind == "layerwise":
+    if cfg.structure.name == "structured" or cfg.correlation != "layer" or cfg.method.name in LAYERWISE_METHODS:
         return None
     return cfg["update"].solver
 

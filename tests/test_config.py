@@ -62,6 +62,9 @@ BAD = [
     (["method=sparsegpt", "structure=semistructured", "shots=5"], "shots=1"),
     (["structure=unstructured", "target=0.5", "compact=true"], "compact=true needs structure=structured"),
     (["compact=yes please"], "compact='yes please'; valid values: false, true, uniform"),
+    (["method=sparsegpt", "structure=unstructured", "target=0.5", "curvature.kind=kfac"],
+     "method=sparsegpt gathers its own layer-wise statistics: curvature.kind must be none"),
+    (["curvature.kind=none"], "curvature.kind=none is only for method=sparsegpt|wanda"),
 ]
 
 

@@ -409,3 +409,18 @@ def test_readme_tables_are_the_committed_records_output():
     assert readme_tables(ROOT / "README.md") == expected, (
         "README tables differ from the records: python -m experiments.report --records results/testbed.jsonl "
         "--out reports/testbed --readme README.md")
+
+
+def test_layerwise_records_from_before_curvature_kind_none_still_count(tmp_path):
+    """SparseGPT/Wanda presets once set curvature.kind=layerwise; their records still match the presets now."""
+    from conftest import compose
+    from surgeon.config import to_container
+    from surgeon.records import find_complete, protocol
+
+    cfg = compose(["method=sparsegpt", "structure=unstructured", "target=0.5", f"results={tmp_path}/r.jsonl"])
+    assert cfg.curvature.kind == "none"
+    old = to_container(cfg)
+    old["curvature"]["kind"] = "layerwise"
+    write_jsonl(tmp_path / "r.jsonl", [{"run_id": "old", "status": "complete", "protocol": protocol(cfg, "cpu"),
+                                        "config": old, "final_ppl": 1.0}])
+    assert find_complete(cfg, "cpu")["run_id"] == "old"
