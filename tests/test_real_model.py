@@ -235,3 +235,22 @@ def test_real_model_runner_magnitude_shot_and_save(smollm2, shared, tmp_path, mo
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model", dtype=torch.float32)
     zeros = sum(int((saved.get_submodule(l["name"]).weight == 0).sum()) for l in record["layers"])
     assert zeros == pytest.approx(0.1 * record["protocol"]["prunable_params"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_real_model_runner_dense_perplexity_equals_plain_transformers(shared, tmp_path):
+    """The runner's dense perplexity on 4 windows equals exp(mean of transformers' own loss) on the same windows,
+    with the model loaded by plain `from_pretrained(folder, gguf_file=...)` (no surgeon code in between)."""
+    needs_real_model()
+    from surgeon import runner
+    from surgeon.config import model_path
+
+    job = compose(["model=smollm2-135m", "method=magnitude", "structure=unstructured", "target=0.1", "shots=1",
+                   "calib.n=2", "eval.max_windows=4", f"results={tmp_path}/records.jsonl"])
+    record = runner.run(job, tmp_path / "run")
+    windows = runner.prepare_data(job).eval_windows
+    assert windows.shape == (4, 256)
+    plain = AutoModelForCausalLM.from_pretrained(model_path(job), gguf_file=GGUF, dtype=torch.float32).eval()
+    with torch.no_grad():
+        losses = [plain(input_ids=w[None], labels=w[None]).loss.double() for w in windows]
+    assert record["dense_ppl"] == pytest.approx(torch.stack(losses).mean().exp().item(), rel=1e-5)
