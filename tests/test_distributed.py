@@ -1,0 +1,206 @@
+"""Several processes (surgeon.distributed): the helpers over two gloo processes, split-invariant statistics, the
+settings refused up front, and `torchrun --nproc_per_node=2 run.py` against one process on the testbed."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import ROOT, compose
+from surgeon import distributed
+from surgeon.config import ConfigError, validate
+from surgeon.curvature import estimate_curvature
+
+# one thread per process, as torchrun sets it: the same matmul kernels in one process and in two
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "disabled",
+       "PYTHONPATH": str(ROOT)}
+SMALL = ["model=opt-tiny", "shots=2", "calib.n=16", "calib.seq_len=64", "calib.batch_size=8", "eval.max_windows=8",
+         "eval.seq_len=128", "curvature.accumulate=float64"]
+STRUCTURES = {"structured": ["structure=structured", "target=0.3"],
+              "unstructured": ["structure=unstructured", "target=0.5"],
+              "semistructured": ["structure=semistructured"]}
+
+
+def test_share_is_contiguous_and_owners_balance_the_work():
+    items = list(range(7))
+    parts = [distributed.share(items, part, 3) for part in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert distributed.share(items, 0, 1) == items
+    assert distributed.owners([5.0, 1.0, 1.0]) == [0, 0, 0]  # one process owns everything
+
+
+def test_owners_over_two_ranks(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    # longest first onto the least loaded rank: 8 -> 0, 5 -> 1, 4 -> 1, 3 -> 0, 1 -> 0 or 1 (loads 11, 9 -> 1)
+    assert distributed.owners([3.0, 8.0, 1.0, 5.0, 4.0]) == [0, 0, 1, 1, 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _helpers_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    assert distributed.init(torch.device("cpu"), timeout_s=60)
+    try:
+        summed = distributed.sum_(torch.tensor([1.0, 2.0], dtype=torch.float64) * (rank + 1))
+        owned = {"a": torch.full((2, 3), 7.0)} if rank == 0 else {"b": torch.arange(4, dtype=torch.int32)}
+        shared = distributed.from_owners(owned, {"a": 0, "b": 1}, ["a", "b"], torch.device("cpu"))
+        losses = distributed.gather_losses(torch.tensor([10.0 * rank, 10.0 * rank + 1], dtype=torch.float64))
+        result = {"rank": distributed.rank(), "world": distributed.world_size(), "sum": summed.tolist(),
+                  "a": shared["a"].tolist(), "b": shared["b"].tolist(), "b_dtype": str(shared["b"].dtype),
+                  "losses": losses.tolist(), "object": distributed.broadcast_object(f"from {rank}")}
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        distributed.close()
+
+
+def test_helpers_over_two_gloo_processes(tmp_path):
+    mp.start_processes(_helpers_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert result["rank"] == rank and result["world"] == 2
+        assert result["sum"] == [3.0, 6.0]
+        assert result["a"] == [[7.0] * 3] * 2 and result["b"] == [0, 1, 2, 3] and result["b_dtype"] == "torch.int32"
+        assert result["losses"] == [0.0, 1.0, 10.0, 11.0]
+        assert result["object"] == "from 0"
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_float64_sums_give_the_same_factors_however_the_batches_are_split(rank):
+    """Two 'processes' (threads, each with its own copy of the model and a share of the batches, adding up their
+    sums as distributed.sum_ does) give bitwise the factors of one process over all batches: float64 sums of
+    float32 products are exact, in any order; at rank 2 every power-iteration pass is summed too."""
+    import copy
+    import threading
+
+    from test_curvature import N, T, V, tiny_model
+
+    from surgeon.adapters import adapter_for
+
+    model = tiny_model("opt").to(torch.float32)
+    ids = torch.randint(0, V, (N, T), generator=torch.Generator().manual_seed(1))
+    batches = list(ids.split(1))
+    kwargs = dict(rank=rank, rank2_iters=2, accumulate="float64")
+    one = estimate_curvature(model, adapter_for("opt").layers(model), batches, **kwargs)
+
+    barrier, slots, two = threading.Barrier(2), [None, None], [None, None]
+
+    def process(part: int) -> None:
+        def sum_(tensor):
+            slots[part] = tensor
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return tensor.copy_(total)
+
+        copy_ = copy.deepcopy(model)
+        two[part] = estimate_curvature(copy_, adapter_for("opt").layers(copy_), distributed.share(batches, part, 2),
+                                       sum_=sum_, **kwargs)
+
+    threads = [threading.Thread(target=process, args=(part,)) for part in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for name in one:
+        for key in ("A", "G", "A2", "G2") if rank == 2 else ("A", "G"):
+            a, b, c = (getattr(f[name], key) for f in (one, *two))
+            assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(a, c), (name, key)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lora.enabled=true", "lora.enabled"),
+    ("curvature.offload=cpu", "curvature.offload"),
+    ("method=sparsegpt", "method=sparsegpt"),
+    ("curvature.fisher=sampled", "curvature.fisher"),
+    ("calib.n=8", "calib.n=8"),
+])
+def test_settings_not_split_over_processes_are_refused_up_front(override, key, monkeypatch):
+    overrides = ["structure=unstructured", "target=0.5", override]
+    validate(compose(overrides), check_sources=False)  # fine in one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose(overrides), check_sources=False)
+
+
+def test_bad_timeout_is_refused():
+    with pytest.raises(ConfigError, match="distributed.timeout_s"):
+        validate(compose(["distributed.timeout_s=0"]), check_sources=False)
+
+
+def _python(run_dir, overrides, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(run_dir, overrides, env=ENV, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(_free_port()), "tests/torchrun_entry.py", *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _load(run_dir):
+    return (json.loads((run_dir / "record.json").read_text()),
+            torch.load(run_dir / "checkpoint.pt", weights_only=False))
+
+
+def _assert_same_run(one_dir, two_dir):
+    (one, one_ckpt), (two, two_ckpt) = _load(one_dir), _load(two_dir)
+    assert two["status"] == "complete" and len(two["points"]) == len(one["points"])
+    for kind in ("removed", "rows", "cols"):
+        for name, mask in one_ckpt["state"][kind].items():
+            assert torch.equal(mask, two_ckpt["state"][kind][name]), (kind, name)
+    assert two["final_ppl"] == pytest.approx(one["final_ppl"], rel=1e-6)
+    assert two["dense_ppl"] == pytest.approx(one["dense_ppl"], rel=1e-6)
+    assert [p["layer_sparsity"] for p in two["points"]] == [p["layer_sparsity"] for p in one["points"]]
+    return one, two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
+    overrides = [*SMALL, *STRUCTURES[structure], f"results={tmp_path}/records.jsonl"]
+    single = _python(tmp_path / "one", overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _torchrun(tmp_path / "two", overrides)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    if structure != "structured":  # the joint solves of both ranks reach rank 0's record, in layer order
+        assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
+    # one record, one line in the results, written by rank 0
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and {json.loads(line)["run_id"] for line in lines} == {one["run_id"], two["run_id"]}
+
+
+def test_failing_rank_stops_all_ranks_and_the_run_resumes(tmp_path, shared):
+    """Rank 1 fails in shot 2: torchrun ends promptly with an error, rank 0's record names rank 1's error and
+    the checkpoint holds shot 1; resuming under torchrun finishes the run as one process does."""
+    overrides = [*SMALL, *STRUCTURES["structured"], "eval.every=1", f"results={tmp_path}/records.jsonl"]
+    run_dir = tmp_path / "two"
+    t0 = time.perf_counter()
+    failed = _torchrun(run_dir, overrides, env={**ENV, "SURGEON_TEST_FAIL": "1:2"})
+    elapsed = time.perf_counter() - t0
+    assert failed.returncode != 0
+    assert "injected failure of rank 1 in shot 2" in failed.stderr
+    record, ckpt = _load(run_dir)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("rank 1: RuntimeError: injected failure of rank 1 in shot 2"), record["error"]
+    assert ckpt["shot"] == 1 and [p["shot"] for p in record["points"]] == [1]
+    assert elapsed < 240, f"the ranks took {elapsed:.0f} s to stop"
+
+    resumed = _torchrun(run_dir, [*overrides, "resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _load(run_dir)[0]["resumed_from_shot"] == 1
+    single = _python(tmp_path / "one", overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    _assert_same_run(tmp_path / "one", run_dir)
