@@ -166,6 +166,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
     _one_of("curvature.precision", cfg.curvature.precision, PRECISIONS)
     _one_of("curvature.offload", cfg.curvature.offload, ("none", "cpu"))
+    _one_of("curvature.accumulate", cfg.curvature.accumulate, ("float32", "float64"))
     if cfg.curvature.offload == "cpu" and cfg.curvature.rank != 1:
         raise ConfigError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
@@ -218,6 +219,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
 
     _check_settings(cfg)
+    _check_distributed(cfg)
     if not str(cfg.device) == "auto" and not str(cfg.device).startswith(("cpu", "cuda")):
         raise ConfigError(f"device={cfg.device!r}; valid values: auto, cpu, cuda, cuda:N")
     if str(cfg.device).startswith("cuda"):
@@ -246,7 +248,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # top-level groups whose every key is in config.yaml (presets only set them): a key outside them is a typo
-CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora")
+CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora", "distributed")
 
 
 def _positive_int(key: str, value, allow_none: bool = False) -> None:
@@ -282,6 +284,34 @@ def _check_settings(cfg: DictConfig) -> None:
         _positive_int("method.blocksize", cfg.method.blocksize)
     if "percdamp" in cfg.method and (not isinstance(cfg.method.percdamp, (int, float)) or cfg.method.percdamp < 0):
         raise ConfigError(f"method.percdamp={cfg.method.percdamp!r} must be >= 0")
+
+
+def _check_distributed(cfg: DictConfig) -> None:
+    """Settings a run over several processes (WORLD_SIZE > 1, set by torchrun or SLURM) does not split yet."""
+    timeout = cfg.distributed.timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"distributed.timeout_s={timeout!r} must be a positive number of seconds")
+    from .distributed import env_world_size
+
+    world = env_world_size()
+    if world <= 1:
+        return
+    one = "; run it in one process (python run.py)"
+    if cfg.curvature.kind == "layerwise":
+        raise ConfigError(f"method={cfg.method.name} (curvature.kind=layerwise) is not split over processes "
+                          f"(WORLD_SIZE={world}){one}")
+    if cfg.lora.enabled:
+        raise ConfigError(f"lora.enabled=true is not split over processes (WORLD_SIZE={world}){one}")
+    if cfg.curvature.offload != "none":
+        raise ConfigError(f"curvature.offload={cfg.curvature.offload} is not supported over processes "
+                          f"(WORLD_SIZE={world}); use curvature.offload=none{one.replace(';', ', or')}")
+    if cfg.curvature.fisher == "sampled":
+        raise ConfigError(f"curvature.fisher=sampled draws its labels batch after batch from one generator, which "
+                          f"processes cannot share (WORLD_SIZE={world}); use curvature.fisher=empirical{one.replace(';', ', or')}")
+    batches = -(-cfg.calib.n // cfg.calib.batch_size)
+    if cfg.curvature.kind != "identity" and batches < world:
+        raise ConfigError(f"calib.n={cfg.calib.n} with calib.batch_size={cfg.calib.batch_size} makes {batches} "
+                          f"calibration batches, fewer than the {world} processes; lower calib.batch_size")
 
 
 def _flat_keys(node, prefix: str = "") -> set[str]:
@@ -339,7 +369,7 @@ def run_settings(cfg: DictConfig) -> dict:
     return dict(dtype=cfg.model.dtype, kind=cfg.curvature.kind, rank=cfg.curvature.rank, structure=cfg.structure.name,
                 calib_batch=cfg.calib.batch_size, calib_seq_len=cfg.calib.seq_len, eval_batch=cfg.eval.batch_size,
                 eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.curvature.kind == "layerwise",
-                offload=cfg.curvature.offload == "cpu")
+                offload=cfg.curvature.offload == "cpu", accumulate=cfg.curvature.accumulate)
 
 
 def _model_config(cfg: DictConfig):

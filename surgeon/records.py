@@ -94,6 +94,7 @@ def upgrade(record: dict) -> dict:
         if isinstance(record["config"].get("curvature"), dict):  # before curvature.precision, passes were fp32
             record["config"]["curvature"].setdefault("precision", "fp32")
             record["config"]["curvature"].setdefault("offload", "none")
+            record["config"]["curvature"].setdefault("accumulate", "float32")
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])

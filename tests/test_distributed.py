@@ -19,7 +19,7 @@ from surgeon.curvature import estimate_curvature
 # one thread per process, as torchrun sets it: the same matmul kernels in one process and in two
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "WANDB_MODE": "disabled",
        "PYTHONPATH": str(ROOT)}
-SMALL = ["model=opt-tiny", "shots=2", "calib.n=16", "calib.seq_len=64", "calib.batch_size=8", "eval.max_windows=8",
+SMALL = ["model=opt-tiny", "shots=2", "calib.n=16", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=8",
          "eval.seq_len=128", "curvature.accumulate=float64"]
 STRUCTURES = {"structured": ["structure=structured", "target=0.3"],
               "unstructured": ["structure=unstructured", "target=0.5"],
@@ -182,6 +182,7 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
     assert len(lines) == 2 and {json.loads(line)["run_id"] for line in lines} == {one["run_id"], two["run_id"]}
 
 
+@pytest.mark.slow
 def test_failing_rank_stops_all_ranks_and_the_run_resumes(tmp_path, shared):
     """Rank 1 fails in shot 2: torchrun ends promptly with an error, rank 0's record names rank 1's error and
     the checkpoint holds shot 1; resuming under torchrun finishes the run as one process does."""
