@@ -122,6 +122,19 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+_OPS = {"sum": "SUM", "min": "MIN", "max": "MAX"}
+
+
+def reduce_ints(values: list[int], op: str) -> list[int]:
+    """Integers combined elementwise over the ranks ('sum', 'min' or 'max'), on every rank."""
+    if not active():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]))
+    return tensor.tolist()
+
+
 def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """`tensor` of rank `src` on every rank, in place."""
     if active():

@@ -19,7 +19,7 @@ from . import distributed
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .curvature import estimate_curvature
 from .obs import LayerOBD, LayerOBS, NotConverged
-from .selection import select_nm, select_structured, select_unstructured
+from .selection import Split, select_nm, select_structured, select_unstructured
 
 
 @dataclass
@@ -214,13 +214,12 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         del scorer
     if obd:
         factors.clear()  # no update: the factors are done
-    kinds = ("rows", "cols") if opts.structure == "structured" else ("elements",)
-    keys = [(layer.name, kind) for layer in layers for kind in kinds]
-    costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, device)
     beta = _in_layer_order(layers, distributed.gather_objects(beta))
-    # the same selection on every rank, from the same costs: the same masks
     uniform = opts.selection == "uniform"
     if opts.structure == "structured":
+        # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
+        keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
+        costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, device)
         row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
         col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
         rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
@@ -230,11 +229,19 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         for name in rows:
             state.removed[name] = rows[name][:, None] | cols[name][None, :]
     else:
-        costs = {layer.name: costs.pop((layer.name, "elements")) for layer in layers}
+        # element costs stay with their owner: the threshold is found from counts combined over the ranks
+        split = Split([l.name for l in layers], sum(l.module.weight.numel() for l in layers),
+                      distributed.reduce_ints) if distributed.active() else None
+        costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
+        removed = {layer.name: state.removed[layer.name] for layer in mine}
         if opts.structure == "semistructured":
-            state.removed.update(select_nm(costs, state.removed, target, opts.n, opts.m, uniform=uniform))
+            state.removed.update(select_nm(costs, removed, target, opts.n, opts.m, uniform=uniform, split=split))
         else:
-            state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform, consume=True))
+            state.removed.update(select_unstructured(costs, removed, target, uniform=uniform, consume=True,
+                                                     split=split))
+        for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
+            mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
+            state.removed[layer.name] = mask.bool()
     del costs
     _sync(device)
     seconds["costs"] = time.perf_counter() - t0

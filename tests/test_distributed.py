@@ -118,6 +118,65 @@ def test_float64_sums_give_the_same_factors_however_the_batches_are_split(rank):
             assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(a, c), (name, key)
 
 
+def _threads(n: int, work) -> list:
+    """Run work(part, reduce) in n threads whose `reduce(values, op)` combines integer lists as the ranks'
+    all_reduce does; returns each thread's result."""
+    import threading
+
+    barrier, slots, out = threading.Barrier(n), [None] * n, [None] * n
+    combine = {"sum": sum, "min": min, "max": max}
+
+    def reducer(part):
+        def reduce(values, op):
+            slots[part] = list(values)
+            barrier.wait()
+            total = [combine[op](column) for column in zip(*slots)]
+            barrier.wait()
+            return total
+
+        return reduce
+
+    def run(part):
+        out[part] = work(part, reducer(part))
+
+    threads = [threading.Thread(target=run, args=(part,)) for part in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return out
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "semistructured"])
+def test_selection_split_over_processes_exchanges_counts_and_gives_the_same_masks(structure):
+    """Layers owned by 3 'processes' (interleaved), costs with many ties across layers and already removed
+    entries: the selection from combined counts equals the selection with all costs in one process."""
+    from surgeon.selection import Split, select_nm, select_unstructured
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 8), (4, 12), (8, 4), (5, 8), (3, 16)]
+    names = [f"layer{i}" for i in range(len(shapes))]
+    costs = {n: torch.randint(0, 6, s, generator=gen).float() for n, s in zip(names, shapes)}  # ties everywhere
+    removed = {n: torch.zeros(s, dtype=torch.bool) for n, s in zip(names, shapes)}
+    removed["layer1"][0, :2] = removed["layer3"][2, 4:6] = True  # earlier shots: at most 2 of every block of 4
+    owner = {n: i % 3 for i, n in enumerate(names)}
+    numel = sum(c.numel() for c in costs.values())
+
+    def select(c, r, split=None):
+        if structure == "semistructured":
+            return select_nm(c, r, 0.5, 2, 4, split=split)
+        return select_unstructured(c, r, 0.37, split=split)
+
+    one = select(dict(costs), dict(removed))
+    parts = _threads(3, lambda part, reduce: select({n: costs[n] for n in names if owner[n] == part},
+                                                    {n: removed[n] for n in names if owner[n] == part},
+                                                    Split(names, numel, reduce)))
+    for name in names:
+        assert torch.equal(parts[owner[name]][name], one[name]), name
+    assert sum(int(m.sum()) for m in one.values()) == (numel // 2 if structure == "semistructured"
+                                                       else round(0.37 * numel))
+
+
 @pytest.mark.parametrize("override, key", [
     ("lora.enabled=true", "lora.enabled"),
     ("curvature.offload=cpu", "curvature.offload"),
