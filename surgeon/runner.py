@@ -173,6 +173,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     }
     if ckpt:
         record.update(status="running", resumed_from_shot=ckpt["shot"], config=portable_config(to_container(cfg)))
+    record["processes"] = distributed.world_size()  # of the last start (timings and peak memory are rank 0's)
     record_path = run_dir / RECORD
     _write_record(record_path, record)
     wandb = _make_logger(cfg, run_dir)
@@ -180,11 +181,15 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
         record = _run(cfg, run_dir, device, record, ckpt, wandb, data)
     except BaseException as err:
         error = f"{type(err).__name__}: {err}"
-        distributed.report_failure(err)
-        origin = distributed.failure() if distributed.is_main() else None
         stopped = isinstance(err, (KeyboardInterrupt, distributed.RankStopped))
-        if origin and not origin.startswith(f"rank {distributed.rank()}:"):  # another rank failed first
-            error, stopped = f"{origin} (then rank {distributed.rank()}: {error})", False
+        if distributed.active():  # the record names the rank whose error came first
+            distributed.report_failure(err)
+            here = f"rank {distributed.rank()}: {error}"
+            origin = distributed.failure() if distributed.is_main() else None
+            if origin and origin != here:
+                error, stopped = f"{origin} (then {here})", False
+            else:
+                error = here
         record.update(status="interrupted" if stopped else "failed", finished=now_iso(), error=error)
         _write_record(record_path, record)
         if wandb:

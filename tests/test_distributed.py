@@ -234,6 +234,7 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
     double = _torchrun(tmp_path / "two", overrides)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert (one["processes"], two["processes"]) == (1, 2)
     if structure != "structured":  # the joint solves of both ranks reach rank 0's record, in layer order
         assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
     # one record, one line in the results, written by rank 0
@@ -264,3 +265,19 @@ def test_failing_rank_stops_all_ranks_and_the_run_resumes(tmp_path, shared):
     single = _python(tmp_path / "one", overrides)
     assert single.returncode == 0, single.stderr[-3000:]
     _assert_same_run(tmp_path / "one", run_dir)
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_stops_the_run_at_the_collective_timeout(tmp_path, shared):
+    """Rank 1 hangs in shot 2 (no error, no exit): rank 0 gives up at distributed.timeout_s, records the
+    failure, and torchrun stops the hanging rank; nothing waits for ever."""
+    overrides = [*SMALL, *STRUCTURES["structured"], "distributed.timeout_s=15", f"results={tmp_path}/records.jsonl"]
+    run_dir = tmp_path / "two"
+    t0 = time.perf_counter()
+    hung = _torchrun(run_dir, overrides, env={**ENV, "SURGEON_TEST_FAIL": "1:2:hang"})
+    elapsed = time.perf_counter() - t0
+    assert hung.returncode != 0
+    record, ckpt = _load(run_dir)
+    assert record["status"] == "failed" and record["error"].startswith("rank 0:"), record["error"]
+    assert ckpt["shot"] == 1
+    assert elapsed < 200, f"the ranks took {elapsed:.0f} s to stop"
