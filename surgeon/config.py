@@ -296,18 +296,18 @@ def _check_distributed(cfg: DictConfig) -> None:
     world = env_world_size()
     if world <= 1:
         return
-    one = "; run it in one process (python run.py)"
+    one = "run it in one process (python run.py)"
     if cfg.curvature.kind == "layerwise":
         raise ConfigError(f"method={cfg.method.name} (curvature.kind=layerwise) is not split over processes "
-                          f"(WORLD_SIZE={world}){one}")
+                          f"(WORLD_SIZE={world}); {one}")
     if cfg.lora.enabled:
-        raise ConfigError(f"lora.enabled=true is not split over processes (WORLD_SIZE={world}){one}")
+        raise ConfigError(f"lora.enabled=true is not split over processes (WORLD_SIZE={world}); {one}")
     if cfg.curvature.offload != "none":
         raise ConfigError(f"curvature.offload={cfg.curvature.offload} is not supported over processes "
-                          f"(WORLD_SIZE={world}); use curvature.offload=none{one.replace(';', ', or')}")
+                          f"(WORLD_SIZE={world}); use curvature.offload=none, or {one}")
     if cfg.curvature.fisher == "sampled":
         raise ConfigError(f"curvature.fisher=sampled draws its labels batch after batch from one generator, which "
-                          f"processes cannot share (WORLD_SIZE={world}); use curvature.fisher=empirical{one.replace(';', ', or')}")
+                          f"processes cannot share (WORLD_SIZE={world}); use curvature.fisher=empirical, or {one}")
     batches = -(-cfg.calib.n // cfg.calib.batch_size)
     if cfg.curvature.kind != "identity" and batches < world:
         raise ConfigError(f"calib.n={cfg.calib.n} with calib.batch_size={cfg.calib.batch_size} makes {batches} "

@@ -159,8 +159,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         workers = f" ({distributed.world_size()} processes)" if distributed.active() else ""
-        print(f"run directory: {run_dir}{workers}" + (f"\nto resume if interrupted: {resume_hint}" if resume_hint else ""),
-              file=sys.stderr, flush=True)
+        resume = f"\nto resume if interrupted: {resume_hint}" if resume_hint else ""
+        print(f"run directory: {run_dir}{workers}{resume}", file=sys.stderr, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ckpt = _load_checkpoint(run_dir / CHECKPOINT, cfg, device) if cfg.resume else None
