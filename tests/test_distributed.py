@@ -24,6 +24,9 @@ SMALL = ["model=opt-tiny", "shots=2", "calib.n=16", "calib.seq_len=64", "calib.b
 STRUCTURES = {"structured": ["structure=structured", "target=0.3"],
               "unstructured": ["structure=unstructured", "target=0.5"],
               "semistructured": ["structure=semistructured"]}
+# other curvature passes through the same split: L-OBD's diag(A) pass, and the Kronecker rank-2 passes
+VARIANTS = {"lobd-unstructured": ["method=lobd", *STRUCTURES["unstructured"]],
+            "rank2-structured": [*STRUCTURES["structured"], "curvature.rank=2", "curvature.rank2_iters=1"]}
 
 
 def test_share_is_contiguous_and_owners_balance_the_work():
@@ -226,16 +229,18 @@ def _assert_same_run(one_dir, two_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("structure", [*STRUCTURES, *VARIANTS])
 def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
-    overrides = [*SMALL, *STRUCTURES[structure], f"results={tmp_path}/records.jsonl"]
+    overrides = [*SMALL, *{**STRUCTURES, **VARIANTS}[structure], f"results={tmp_path}/records.jsonl"]
     single = _python(tmp_path / "one", overrides)
     assert single.returncode == 0, single.stderr[-3000:]
     double = _torchrun(tmp_path / "two", overrides)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
     assert (one["processes"], two["processes"]) == (1, 2)
-    if structure != "structured":  # the joint solves of both ranks reach rank 0's record, in layer order
+    if structure.startswith("rank2"):  # the shrink factors of term 2, from both ranks
+        assert two["points"][-1]["beta"] == one["points"][-1]["beta"]
+    if structure in ("unstructured", "semistructured"):  # both ranks' joint solves reach the record, in layer order
         assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
     # one record, one line in the results, written by rank 0
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
