@@ -343,13 +343,16 @@ def check_memory(cfg: DictConfig) -> None:
     have = memory.available_bytes(device)
     if have is None:
         return
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
+    room = f"{device} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1 else "")
     config = _model_config(cfg)
     if config is None:  # no config to read (a hub model not cached yet): the preset's parameter count
         params = cfg.model.get("params")
         need = 4.0 * float(params) * 1.5 if params else 0
         if need > have:
-            raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} "
-                              f"has {have / 2**30:.1f} GiB; use a larger device or a smaller model preset")
+            raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {room}; "
+                              "use a larger device or a smaller model preset")
         return
     positions = getattr(config, "max_position_embeddings", None)
     for key in ("calib.seq_len", "eval.seq_len"):
@@ -360,8 +363,8 @@ def check_memory(cfg: DictConfig) -> None:
     need = memory.estimate(config, **settings)
     if need.peak > have:
         hints = memory.fix_hints(config, need, have, **settings)
-        raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {device} has "
-                          f"{have / 2**30:.1f} GiB; try {' or '.join(hints)}")
+        raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {room}; "
+                          f"try {' or '.join(hints)}")
 
 
 def run_settings(cfg: DictConfig) -> dict:

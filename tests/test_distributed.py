@@ -195,6 +195,23 @@ def test_settings_not_split_over_processes_are_refused_up_front(override, key, m
         validate(compose(overrides), check_sources=False)
 
 
+def test_processes_of_one_machine_share_its_memory_in_the_check(tmp_path, monkeypatch):
+    """On CPU, K processes of one machine each hold the model and its factors: the check gives each 1/K."""
+    from test_memory import LLAMA_7B
+
+    from surgeon import config as config_mod
+    from surgeon import memory
+
+    LLAMA_7B.save_pretrained(tmp_path)
+    cfg = compose([f"model.name_or_path={tmp_path}", "model.name=x", "model.params=null", "device=cpu",
+                   "model.dtype=bfloat16", "structure=structured"])
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 141 * 2**30)
+    config_mod.check_memory(cfg)  # fits one process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"but cpu has 70\.5 GiB for each of its 2 processes; try"):
+        config_mod.check_memory(cfg)
+
+
 def test_bad_timeout_is_refused():
     with pytest.raises(ConfigError, match="distributed.timeout_s"):
         validate(compose(["distributed.timeout_s=0"]), check_sources=False)
