@@ -25,8 +25,10 @@ STRUCTURES = {"structured": ["structure=structured", "target=0.3"],
               "unstructured": ["structure=unstructured", "target=0.5"],
               "semistructured": ["structure=semistructured"]}
 # other curvature passes through the same split: L-OBD's diag(A) pass, and the Kronecker rank-2 passes
-VARIANTS = {"lobd-unstructured": ["method=lobd", *STRUCTURES["unstructured"]],
-            "rank2-structured": [*STRUCTURES["structured"], "curvature.rank=2", "curvature.rank2_iters=1"]}
+# (with one W&B run and one saved model, made by rank 0)
+VARIANTS = {"lobd-unstructured": ["method=lobd", *STRUCTURES["unstructured"], "logger=wandb"],
+            "rank2-structured": [*STRUCTURES["structured"], "curvature.rank=2", "curvature.rank2_iters=1",
+                                 "save_model=true"]}
 
 
 def test_share_is_contiguous_and_owners_balance_the_work():
@@ -217,8 +219,8 @@ def test_bad_timeout_is_refused():
         validate(compose(["distributed.timeout_s=0"]), check_sources=False)
 
 
-def _python(run_dir, overrides, timeout=300):
-    return subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=ENV,
+def _python(run_dir, overrides, env=ENV, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -249,14 +251,19 @@ def _assert_same_run(one_dir, two_dir):
 @pytest.mark.parametrize("structure", [*STRUCTURES, *VARIANTS])
 def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
     overrides = [*SMALL, *{**STRUCTURES, **VARIANTS}[structure], f"results={tmp_path}/records.jsonl"]
-    single = _python(tmp_path / "one", overrides)
+    env = {**ENV, "WANDB_MODE": "offline"} if "logger=wandb" in overrides else ENV
+    single = _python(tmp_path / "one", overrides, env)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _torchrun(tmp_path / "two", overrides)
+    double = _torchrun(tmp_path / "two", overrides, env)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
     assert (one["processes"], two["processes"]) == (1, 2)
     if structure.startswith("rank2"):  # the shrink factors of term 2, from both ranks
         assert two["points"][-1]["beta"] == one["points"][-1]["beta"]
+    if "save_model=true" in overrides:
+        assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
+    if "logger=wandb" in overrides:
+        assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     if structure in ("unstructured", "semistructured"):  # both ranks' joint solves reach the record, in layer order
         assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
     # one record, one line in the results, written by rank 0
