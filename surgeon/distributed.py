@@ -181,11 +181,6 @@ def gather_losses(losses: torch.Tensor) -> torch.Tensor:
     return torch.cat(gather_objects(losses.cpu())) if active() else losses
 
 
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
 def report_failure(err: BaseException) -> None:
     """Leave this rank's error in the store (first one wins) for the rank that writes the record."""
     if not active() or isinstance(err, RankStopped):
