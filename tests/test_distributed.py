@@ -45,6 +45,19 @@ def test_owners_over_two_ranks(monkeypatch):
     assert distributed.owners([3.0, 8.0, 1.0, 5.0, 4.0]) == [0, 0, 1, 1, 1]
 
 
+def test_world_size_from_torchrun_or_an_srun_step(monkeypatch):
+    for key in ("WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.env_world_size() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # a shell inside an allocation: still one process
+    assert distributed.env_world_size() == 1
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # a task of an srun step of 8 (submitit's launcher)
+    assert distributed.env_world_size() == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's variables win
+    assert distributed.env_world_size() == 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
