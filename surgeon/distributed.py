@@ -50,8 +50,11 @@ def init(device: torch.device, timeout_s: float) -> bool:
     if env_world_size() <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if "WORLD_SIZE" not in os.environ:
-        from submitit.helpers import TorchDistributedEnvironment
-
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+        except ImportError:
+            raise RuntimeError(f"an srun step of {env_world_size()} tasks needs submitit to set up the process "
+                               "group: pip install -e '.[sweeps]' (or launch with torchrun)") from None
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
