@@ -38,24 +38,32 @@ def _slurm_tasks() -> int:
     return int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
 
 
+def _export_slurm_env() -> None:
+    """torchrun's variables from SLURM's, through submitit, for the tasks of a job it launched (`+cluster=slurm`
+    with hydra.launcher.nodes / tasks_per_node): MASTER_ADDR the first node, MASTER_PORT from the job id."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        from .config import ConfigError
+
+        raise ConfigError(f"this srun step has {_slurm_tasks()} tasks but no torchrun variables (WORLD_SIZE...): "
+                           "launch through the SLURM preset (python run.py -m +cluster=slurm "
+                           "hydra.launcher.tasks_per_node=...), or run torchrun inside srun")
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps a MASTER_PORT set
+
+
 def env_world_size() -> int:
     """WORLD_SIZE as torchrun sets it, else the tasks of an srun step (1 when launched by neither)."""
     return int(os.environ.get("WORLD_SIZE", _slurm_tasks()))
 
 
 def init(device: torch.device, timeout_s: float) -> bool:
-    """Join the process group when launched with WORLD_SIZE > 1 (True), else do nothing (False). Under SLURM
-    without torchrun (`+cluster=slurm` with hydra.launcher.nodes / tasks_per_node), torchrun's variables are
-    made from SLURM's by submitit (MASTER_ADDR: the first node; MASTER_PORT: from the job id)."""
+    """Join the process group when launched with WORLD_SIZE > 1 (True), else do nothing (False); the tasks of a
+    SLURM job launched by submitit get torchrun's variables from SLURM's first (`_export_slurm_env`)."""
     if env_world_size() <= 1 or dist.is_initialized():
         return dist.is_initialized()
     if "WORLD_SIZE" not in os.environ:
-        try:
-            from submitit.helpers import TorchDistributedEnvironment
-        except ImportError:
-            raise RuntimeError(f"an srun step of {env_world_size()} tasks needs submitit to set up the process "
-                               "group: pip install -e '.[sweeps]' (or launch with torchrun)") from None
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        _export_slurm_env()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -58,6 +58,16 @@ def test_world_size_from_torchrun_or_an_srun_step(monkeypatch):
     assert distributed.env_world_size() == 2
 
 
+def test_an_srun_step_without_torchrun_or_submitit_is_refused(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    with pytest.raises(ConfigError, match=r"srun step has 2 tasks .* \+cluster=slurm .* torchrun inside srun"):
+        distributed.init(torch.device("cpu"), timeout_s=10)
+    assert not torch.distributed.is_initialized()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -327,3 +337,30 @@ def test_a_hanging_rank_stops_the_run_at_the_collective_timeout(tmp_path, shared
     assert record["status"] == "failed" and record["error"].startswith("rank 0:"), record["error"]
     assert ckpt["shot"] == 1
     assert elapsed < 200, f"the ranks took {elapsed:.0f} s to stop"
+
+
+def _slurm_task(rank: int, port: int, overrides: list[str], run_dir):
+    """One task of a SLURM job step of 2 on this machine, as submitit's launcher starts it (srun, no torchrun)."""
+    env = {**ENV, "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+           "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_NODEID": "0", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "MASTER_PORT": str(port)}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    return subprocess.Popen([sys.executable, "run.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_slurm_tasks_launched_by_submitit_match_one_process(tmp_path, shared):
+    """The tasks of a `+cluster=slurm` job with tasks_per_node=2 (simulated on this machine: SLURM's and
+    submitit's variables, no srun) form the process group from SLURM's variables and match one process."""
+    overrides = [*SMALL, *STRUCTURES["structured"], f"results={tmp_path}/records.jsonl"]
+    port = _free_port()
+    tasks = [_slurm_task(rank, port, overrides, tmp_path / "two") for rank in (0, 1)]
+    for task in tasks:
+        _, err = task.communicate(timeout=300)
+        assert task.returncode == 0, err[-3000:]
+    single = _python(tmp_path / "one", overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert two["processes"] == 2
