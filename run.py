@@ -21,9 +21,12 @@ log = logging.getLogger("surgeon")
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues this run from its last finished shot."""
+    """The command that continues this run from its last finished shot (with torchrun when it ran under it)."""
     keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
-    return shlex.join(["python", "run.py", *keep, "resume=true", f"hydra.run.dir={run_dir}"])
+    launcher = ["python"]
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}"]
+    return shlex.join([*launcher, "run.py", *keep, "resume=true", f"hydra.run.dir={run_dir}"])
 
 
 def _remove_fresh(run_dir: Path) -> None:
@@ -34,8 +37,27 @@ def _remove_fresh(run_dir: Path) -> None:
             run_dir.parent.rmdir()
 
 
+def _join_processes(cfg: DictConfig, run_dir: Path) -> Path:
+    """Under torchrun or SLURM (WORLD_SIZE > 1): join the process group and use rank 0's run directory (each
+    process's Hydra named its own after its start time); the other ranks log warnings only."""
+    from surgeon import distributed
+    from surgeon.config import resolve_device, validate
+
+    if distributed.env_world_size() > 1:
+        validate(cfg, check_sources=False)  # a bad setting fails every process alike, before they connect
+    if not distributed.init(resolve_device(cfg.device), cfg.distributed.timeout_s):
+        return run_dir
+    own, run_dir = run_dir, distributed.broadcast_object(run_dir)
+    if not distributed.is_main():
+        logging.getLogger("surgeon").setLevel(logging.WARNING)
+        if own != run_dir:
+            _remove_fresh(own)
+    return run_dir
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from surgeon import distributed
     from surgeon.runner import find_resumable, run
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -44,19 +66,23 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.resume and not given_dir and HydraConfig.get().mode.name == "RUN":
             fresh, run_dir = run_dir, find_resumable(cfg)
             _remove_fresh(fresh)
+        run_dir = _join_processes(cfg, run_dir)
         record = run(cfg, run_dir, resume_hint=resume_command(run_dir))
     except ConfigError as err:
         log.error("config error: %s", err)
         print(f"error: {err}", file=sys.stderr)
         _remove_fresh(run_dir)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; resume with: {resume_command(run_dir)}", file=sys.stderr)
+    except (KeyboardInterrupt, distributed.RankStopped):
+        if distributed.is_main():
+            print(f"\ninterrupted; resume with: {resume_command(run_dir)}", file=sys.stderr)
         sys.exit(130)
     except Exception:
         print(f"failed (record in {run_dir / 'record.json'}); after fixing the cause, resume with: "
               f"{resume_command(run_dir)}", file=sys.stderr)
         raise
+    finally:
+        distributed.close()
     return record["final_ppl"]  # the objective for hydra-optuna-sweeper
 
 

@@ -166,6 +166,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
     _one_of("curvature.precision", cfg.curvature.precision, PRECISIONS)
     _one_of("curvature.offload", cfg.curvature.offload, ("none", "cpu"))
+    _one_of("curvature.accumulate", cfg.curvature.accumulate, ("float32", "float64"))
     if cfg.curvature.offload == "cpu" and cfg.curvature.rank != 1:
         raise ConfigError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
@@ -219,6 +220,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
 
     _check_settings(cfg)
+    _check_distributed(cfg)
     if not str(cfg.device) == "auto" and not str(cfg.device).startswith(("cpu", "cuda")):
         raise ConfigError(f"device={cfg.device!r}; valid values: auto, cpu, cuda, cuda:N")
     if str(cfg.device).startswith("cuda"):
@@ -247,7 +249,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # top-level groups whose every key is in config.yaml (presets only set them): a key outside them is a typo
-CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora")
+CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora", "distributed")
 
 
 def _positive_int(key: str, value, allow_none: bool = False) -> None:
@@ -292,6 +294,33 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"method.percdamp={cfg.method.percdamp!r} must be >= 0")
 
 
+def _check_distributed(cfg: DictConfig) -> None:
+    """Settings a run over several processes (WORLD_SIZE > 1, set by torchrun or SLURM) does not split yet."""
+    timeout = cfg.distributed.timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"distributed.timeout_s={timeout!r} must be a positive number of seconds")
+    from .distributed import env_world_size
+
+    world = env_world_size()
+    if world <= 1:
+        return
+    one = "run it in one process (python run.py)"
+    if cfg.method.name in LAYERWISE_METHODS:
+        raise ConfigError(f"method={cfg.method.name} is not split over processes (WORLD_SIZE={world}); {one}")
+    if cfg.lora.enabled:
+        raise ConfigError(f"lora.enabled=true is not split over processes (WORLD_SIZE={world}); {one}")
+    if cfg.curvature.offload != "none":
+        raise ConfigError(f"curvature.offload={cfg.curvature.offload} is not supported over processes "
+                          f"(WORLD_SIZE={world}); use curvature.offload=none, or {one}")
+    if cfg.curvature.fisher == "sampled":
+        raise ConfigError(f"curvature.fisher=sampled draws its labels batch after batch from one generator, which "
+                          f"processes cannot share (WORLD_SIZE={world}); use curvature.fisher=empirical, or {one}")
+    batches = -(-cfg.calib.n // cfg.calib.batch_size)
+    if cfg.curvature.kind != "identity" and batches < world:
+        raise ConfigError(f"calib.n={cfg.calib.n} with calib.batch_size={cfg.calib.batch_size} makes {batches} "
+                          f"calibration batches, fewer than the {world} processes; lower calib.batch_size")
+
+
 def _flat_keys(node, prefix: str = "") -> set[str]:
     if not isinstance(node, DictConfig):
         return set()
@@ -321,13 +350,16 @@ def check_memory(cfg: DictConfig) -> None:
     have = memory.available_bytes(device)
     if have is None:
         return
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
+    room = f"{device} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1 else "")
     config = _model_config(cfg)
     if config is None:  # no config to read (a hub model not cached yet): the preset's parameter count
         params = cfg.model.get("params")
         need = 4.0 * float(params) * 1.5 if params else 0
         if need > have:
-            raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {device} "
-                              f"has {have / 2**30:.1f} GiB; use a larger device or a smaller model preset")
+            raise ConfigError(f"model={cfg.model.name} needs about {need / 2**30:.1f} GiB in float32 but {room}; "
+                              "use a larger device or a smaller model preset")
         return
     positions = getattr(config, "max_position_embeddings", None)
     for key in ("calib.seq_len", "eval.seq_len"):
@@ -338,8 +370,8 @@ def check_memory(cfg: DictConfig) -> None:
     need = memory.estimate(config, **settings)
     if need.peak > have:
         hints = memory.fix_hints(config, need, have, **settings)
-        raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {device} has "
-                          f"{have / 2**30:.1f} GiB; try {' or '.join(hints)}")
+        raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {room}; "
+                          f"try {' or '.join(hints)}")
 
 
 def run_settings(cfg: DictConfig) -> dict:
@@ -347,7 +379,7 @@ def run_settings(cfg: DictConfig) -> dict:
     return dict(dtype=cfg.model.dtype, kind=cfg.curvature.kind, rank=cfg.curvature.rank, structure=cfg.structure.name,
                 calib_batch=cfg.calib.batch_size, calib_seq_len=cfg.calib.seq_len, eval_batch=cfg.eval.batch_size,
                 eval_seq_len=cfg.eval.seq_len, calib_n=cfg.calib.n, layerwise=cfg.method.name in LAYERWISE_METHODS,
-                offload=cfg.curvature.offload == "cpu")
+                offload=cfg.curvature.offload == "cpu", accumulate=cfg.curvature.accumulate)
 
 
 def _model_config(cfg: DictConfig):

@@ -24,6 +24,7 @@ KINDS = ("kfac", "diag_a", "identity")
 RANKS = (1, 2)
 PRECISIONS = ("fp32", "tf32", "bf16")
 OFFLOADS = ("none", "cpu")
+ACCUMULATES = ("float32", "float64")
 
 
 @dataclass
@@ -93,9 +94,11 @@ def residual_half_step(S: Tensor, n: int, X_other: Tensor, K_other: Tensor, K: T
 class _LayerStats:
     """One layer's accumulators, filled by its hooks during a pass over the batches."""
 
-    def __init__(self, layer: PrunableLayer, dtype: torch.dtype, store: torch.device | None = None):
+    def __init__(self, layer: PrunableLayer, dtype: torch.dtype, store: torch.device | None = None,
+                 accumulate: torch.dtype | None = None):
         self.layer = layer
         self.dtype = dtype
+        self.accumulate = accumulate or dtype  # dtype of the sums; each batch's products are in `dtype`
         self.store = store  # where the sums live: the model's device, or the host (curvature.offload=cpu)
         self.bias = layer.module.bias is not None
         self.n = 0  # tokens seen in the current pass
@@ -111,6 +114,7 @@ class _LayerStats:
         current = getattr(self, name)
         if self.store is not None:
             value = value.to(self.store)
+        value = value.to(self.accumulate)
         setattr(self, name, value if current is None else current + value)
 
     def forward_hook(self, mode: str):
@@ -176,6 +180,8 @@ def estimate_curvature(
     progress: bool = False,
     precision: str = "fp32",
     offload: str = "none",
+    accumulate: str = "float32",
+    sum_=None,
 ) -> dict[str, Factors]:
     """KFAC factors of every layer from one forward+backward per batch (section 2; RK=2 term).
 
@@ -190,8 +196,11 @@ def estimate_curvature(
     passes over `batches` each make one half-step (A2, G2, A2, ...). Factors are float64 for a float64 model,
     float32 otherwise, on the model's device (`offload="cpu"`: summed in host memory, each batch's
     product computed on the device and added on the host); `precision` is that of the passes' matmuls ("fp32"; "tf32": TF32 on
-    CUDA; "bf16": autocast), the statistics are accumulated in float32 whatever it is. The model's requires_grad flags and
-    train/eval mode are restored and all hooks removed on exit.
+    CUDA; "bf16": autocast), the statistics are accumulated in float32 whatever it is. `accumulate="float64"` sums
+    each batch's float32 products in float64, exactly in practice, so the sums do not depend on how the batches are
+    ordered or split; the factors are still float32. `sum_` (in place, e.g. `distributed.sum_`) adds up the sums and
+    token counts of each pass over the processes that each saw a share of the batches. The model's requires_grad
+    flags and train/eval mode are restored and all hooks removed on exit.
     """
     if rank not in RANKS:
         raise ValueError(f"curvature.rank={rank} is not supported; valid values: {list(RANKS)}")
@@ -209,6 +218,8 @@ def estimate_curvature(
         raise ValueError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     if precision not in PRECISIONS:
         raise ValueError(f"curvature.precision='{precision}' is not supported; valid values: {list(PRECISIONS)}")
+    if accumulate not in ACCUMULATES:
+        raise ValueError(f"curvature.accumulate='{accumulate}' is not supported; valid values: {list(ACCUMULATES)}")
     if not batches and kind != "identity":
         raise ValueError("estimate_curvature needs at least one calibration batch")
 
@@ -216,7 +227,9 @@ def estimate_curvature(
     device = param.device
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     store = torch.device("cpu") if offload == "cpu" else None
-    stats = {layer.name: _LayerStats(layer, dtype, store) for layer in layers}
+    sums = torch.float64 if accumulate == "float64" else dtype
+    stats = {layer.name: _LayerStats(layer, dtype, store, sums) for layer in layers}
+    finish = lambda *names: _finish_pass(stats, names, sum_, dtype, device)  # noqa: E731
 
     ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731 - the diagonal of I
     if kind == "identity":
@@ -226,6 +239,7 @@ def estimate_curvature(
     _share_inputs(model, stats, batches[0].to(device))
     if kind == "diag_a":
         _run_pass(model, stats, batches, "diag", fisher, seed, device, progress, precision)
+        finish("A")
         _alias_shared(stats, lambda s: s.A / s.n)
         return {name: Factors(A=s.A, G=ones(s.layer.module.out_features)) for name, s in stats.items()}
 
@@ -236,11 +250,12 @@ def estimate_curvature(
             X = torch.randn(C, C, generator=generator, device=device, dtype=dtype)
             s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
     _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress, precision)
+    finish("A", "G", "S")
     _alias_shared(stats, lambda s: s.A / s.n)
     for s in stats.values():
         s.G = s.G / s.n
     if rank == 2:
-        _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters, precision)
+        _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters, precision, finish)
     return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2) for name, s in stats.items()}
 
 
@@ -287,6 +302,7 @@ def _rank2_iterations(
     progress: bool,
     rank2_iters: int,
     precision: str,
+    finish,
 ) -> None:
     """Half-steps G2 <- R(A2) (accumulated in the KFAC pass), A2 <- R^T(G2), G2 <- R(A2), ...
 
@@ -307,6 +323,23 @@ def _rank2_iterations(
             return
         side = "a2" if side == "g2" else "g2"
         _run_pass(model, stats, batches, side, fisher, seed, device, progress, precision)
+        finish("S")
+
+
+def _finish_pass(stats: dict[str, _LayerStats], names: tuple[str, ...], sum_, dtype: torch.dtype,
+                 device: torch.device) -> None:
+    """After a pass: the sums it made (`names`) and the token counts added up over the processes (`sum_`, when
+    several share the batches), the sums in the factors' dtype (a float64 sum is rounded once, here)."""
+    for s in stats.values():
+        for name in names:
+            value = getattr(s, name)
+            if value is None or (name == "A" and s.a_owner is not None):
+                continue
+            if sum_ is not None:
+                value = sum_(value)
+            setattr(s, name, value.to(dtype))
+        if sum_ is not None:
+            s.n = int(sum_(torch.tensor([s.n], dtype=torch.int64, device=device)).item())
 
 
 def _normalise(M: Tensor, other: Tensor, last: bool) -> tuple[Tensor, Tensor]:

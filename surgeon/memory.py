@@ -97,9 +97,11 @@ def solver_bytes(R: int, C: int, work: int = 4, rank: int = 1) -> int:
 
 def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 1, structure: str = "unstructured",
              calib_batch: int = 8, calib_seq_len: int = 256, eval_batch: int = 8, eval_seq_len: int = 256,
-             calib_n: int = 128, layerwise: bool = False, runtime: int = 0, offload: bool = False) -> Estimate:
+             calib_n: int = 128, layerwise: bool = False, runtime: int = 0, offload: bool = False,
+             accumulate: str = "float32") -> Estimate:
     """Bytes a run of the model `config` needs on its device (see the module docstring); `runtime`: the process's
-    own; `offload`: the factors live in host memory, one layer's on the device at a time."""
+    own; `offload`: the factors live in host memory, one layer's on the device at a time; `accumulate="float64"`:
+    the curvature pass sums in float64 (counted for every phase: an upper bound)."""
     w = BYTES[dtype]
     stats = 8 if dtype == "float64" else 4  # statistics and OBS algebra: float32 at least
     shapes = layer_shapes(config)
@@ -124,10 +126,11 @@ def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 
         a = sum(s.cols ** 2 for s in shapes if s.shares_input_with is None)
         g = sum(s.rows ** 2 for s in shapes)
         # rank 2: A2, G2 of every layer, and the half-step accumulators of the passes
-        factors = stats * (a + g + (2 * sum(s.rows ** 2 + s.cols ** 2 for s in shapes) if rank == 2 else 0))
+        sums = 8 if accumulate == "float64" else stats
+        factors = sums * (a + g + (2 * sum(s.rows ** 2 + s.cols ** 2 for s in shapes) if rank == 2 else 0))
         solver = max(solver_bytes(s.rows, s.cols, stats, rank) for s in shapes)
         if offload:  # on the device: one layer's factors (and one batch's products during the pass)
-            factors = stats * max(s.rows ** 2 + s.cols ** 2 for s in shapes)
+            factors = sums * max(s.rows ** 2 + s.cols ** 2 for s in shapes)
     masks = sum(s.rows * s.cols for s in shapes)  # bool, one byte each
     if structure == "structured":
         selection = masks + 8 * 4 * sum(s.rows + s.cols for s in shapes)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .config import LAYERWISE_METHODS
 from .curvature import estimate_curvature
 from .obs import LayerOBD, LayerOBS, NotConverged
-from .selection import select_nm, select_structured, select_unstructured
+from .selection import Split, select_nm, select_structured, select_unstructured
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ShotOptions:
     percdamp: float = 0.01
     precision: str = "fp32"
     offload: str = "none"
+    accumulate: str = "float32"
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -60,7 +62,7 @@ class ShotOptions:
             damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
             undamped_numerators=cfg.curvature.undamped_numerators,
             blocksize=cfg.method.get("blocksize", 128), percdamp=cfg.method.get("percdamp", 0.01),
-            precision=cfg.curvature.precision, offload=cfg.curvature.offload,
+            precision=cfg.curvature.precision, offload=cfg.curvature.offload, accumulate=cfg.curvature.accumulate,
         )
 
 
@@ -179,11 +181,19 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         _sync(device)
         return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}, {}
 
+    # Several processes (surgeon.distributed): each sums the statistics of its share of the batches, and costs and
+    # updates are divided by layer, each layer's results broadcast from its owner; in one process rank 0 owns all.
+    rank = distributed.rank()
+    owner = dict(zip([l.name for l in layers], distributed.owners([_work(l) for l in layers])))
+    mine = [layer for layer in layers if owner[layer.name] == rank]
     seconds = {}
     t0 = time.perf_counter()
-    factors = estimate_curvature(model, layers, batches, fisher=opts.fisher, rank=opts.rank, kind=opts.kind,
-                                 rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
-                                 precision=opts.precision, offload=opts.offload)
+    factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=opts.rank,
+                                 kind=opts.kind, rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
+                                 precision=opts.precision, offload=opts.offload, accumulate=opts.accumulate,
+                                 sum_=distributed.sum_ if distributed.active() else None)
+    for name in [name for name in factors if owner[name] != rank]:
+        del factors[name]  # every rank has all factors; it keeps those of the layers it solves
     _sync(device)
     seconds["curvature"] = time.perf_counter() - t0
 
@@ -192,37 +202,54 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     t0 = time.perf_counter()
     obd = opts.correlation == "none"
     beta: dict[str, float] = {}
-    costs, row_costs, col_costs = {}, {}, {}
-    for layer in layers:
+    costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
+    for layer in mine:
         scorer = _scorer(layer, factors[layer.name], opts)
         if opts.structure == "structured":
-            row_costs[layer.name] = scorer.obd_row_costs() if obd else scorer.row_costs()
-            col_costs[layer.name] = scorer.obd_col_costs() if obd else scorer.col_costs()
+            costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
+            costs[layer.name, "cols"] = scorer.obd_col_costs() if obd else scorer.col_costs()
         else:
-            costs[layer.name] = scorer.obd_element_costs() if obd else scorer.element_costs()
+            costs[layer.name, "elements"] = scorer.obd_element_costs() if obd else scorer.element_costs()
         if opts.rank == 2:
             beta[layer.name] = scorer.beta
         del scorer
     if obd:
         factors.clear()  # no update: the factors are done
+    beta = _in_layer_order(layers, distributed.gather_objects(beta))
     uniform = opts.selection == "uniform"
     if opts.structure == "structured":
+        # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
+        keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
+        costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, device)
+        row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
+        col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
         rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
+        del row_costs, col_costs
         state.rows.update(rows)
         state.cols.update(cols)
         for name in rows:
             state.removed[name] = rows[name][:, None] | cols[name][None, :]
-    elif opts.structure == "semistructured":
-        state.removed.update(select_nm(costs, state.removed, target, opts.n, opts.m, uniform=uniform))
     else:
-        state.removed.update(select_unstructured(costs, state.removed, target, uniform=uniform, consume=True))
-    del costs, row_costs, col_costs
+        # element costs stay with their owner: the threshold is found from counts combined over the ranks
+        split = Split([l.name for l in layers], sum(l.module.weight.numel() for l in layers),
+                      distributed.reduce_ints) if distributed.active() else None
+        costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
+        removed = {layer.name: state.removed[layer.name] for layer in mine}
+        if opts.structure == "semistructured":
+            state.removed.update(select_nm(costs, removed, target, opts.n, opts.m, uniform=uniform, split=split))
+        else:
+            state.removed.update(select_unstructured(costs, removed, target, uniform=uniform, consume=True,
+                                                     split=split))
+        for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
+            mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
+            state.removed[layer.name] = mask.bool()
+    del costs
     _sync(device)
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     solves = {}
-    for layer in tqdm(layers, desc="update", leave=False, disable=not (progress and factors)):
+    for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
         if obd:
             continue
         name = layer.name
@@ -245,7 +272,25 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             solves[name] = info.as_dict()
         set_weight_with_bias(layer.module, W)
         del solver, W
+    if not obd and distributed.active():
+        for layer in layers:  # every rank holds the same model after the shot
+            for tensor in (layer.module.weight, layer.module.bias):
+                if tensor is not None:
+                    distributed.broadcast(tensor.data, owner[layer.name])
+        solves = _in_layer_order(layers, distributed.gather_objects(solves))
     apply_masks(layers, state)
     _sync(device)
     seconds["update"] = time.perf_counter() - t0
     return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value}
+
+
+def _work(layer: PrunableLayer) -> float:
+    """A layer's share of a shot's solves, for dividing layers over processes: its factorisations, R^3 + C^3."""
+    R, C = layer.module.weight.shape
+    return float(R) ** 3 + float(C) ** 3
+
+
+def _in_layer_order(layers: list[PrunableLayer], parts: list[dict]) -> dict:
+    """The per-layer entries of every process's dict, merged in layer order."""
+    merged = {key: value for part in parts for key, value in part.items()}
+    return {layer.name: merged[layer.name] for layer in layers if layer.name in merged}

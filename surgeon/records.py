@@ -94,6 +94,7 @@ def upgrade(record: dict) -> dict:
         if isinstance(record["config"].get("curvature"), dict):  # before curvature.precision, passes were fp32
             record["config"]["curvature"].setdefault("precision", "fp32")
             record["config"]["curvature"].setdefault("offload", "none")
+            record["config"]["curvature"].setdefault("accumulate", "float32")
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
     p = record.get("protocol")

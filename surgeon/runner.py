@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import resource
 import sys
@@ -21,10 +22,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import models
+from . import distributed, models
 from .adapters import adapter_for, prunable_parameter_count
 from .config import ConfigError, resolve_device, to_container, validate
-from .evaluate import perplexity, window_losses
+from .evaluate import window_losses
 from .prune import (PruneState, ShotOptions, apply_masks, check_finite, layer_sparsity, overall_sparsity,
                     prune_shot)
 from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, portable_config, protocol,
@@ -43,8 +44,22 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
 
 
+def _write_record(path: Path, record: dict) -> None:
+    """The record, written by rank 0 only (one record for a run over several processes)."""
+    if distributed.is_main():
+        write_json_atomic(path, record)
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean window loss); over several processes each evaluates a contiguous share of the batches of windows
+    (the same batches as one process) and the losses are gathered in window order."""
+    mine = distributed.share(list(windows.split(batch_size)))
+    losses = window_losses(model, torch.cat(mine), batch_size) if mine else torch.zeros(0, dtype=torch.float64)
+    return math.exp(distributed.gather_losses(losses).mean().item())
+
+
 def _make_logger(cfg, run_dir: Path):
-    if cfg.logger.name != "wandb":
+    if cfg.logger.name != "wandb" or not distributed.is_main():
         return None
     try:
         from .wandb_logger import WandbLogger
@@ -65,7 +80,9 @@ def _lm_eval(cfg, model, tokenizer):
 
 
 def _save_checkpoint(path: Path, layers, state: PruneState, shot: int, record: dict) -> None:
-    """Weights of the prunable layers, masks, RNG and loop state, written atomically."""
+    """Weights of the prunable layers, masks, RNG and loop state, written atomically (by rank 0)."""
+    if not distributed.is_main():
+        return
     payload = {
         "shot": shot,
         "weights": {l.name: {k: v.detach().cpu() for k, v in l.module.state_dict().items()} for l in layers},
@@ -135,7 +152,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     `resume_hint`, the command that resumes this run, is printed with the run directory at start."""
     validate(cfg)  # before anything heavy: a bad input never loads a model
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     if cfg.skip_done and not cfg.resume:
         done = find_complete(cfg, str(device))
         wanted = not cfg.compact or (done or {}).get("compact") and done["compact"].get("uniform") == (
@@ -146,8 +163,10 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
             return done
     data = prepare_data(cfg)  # data too short for the windows fails here, before any output
     run_dir.mkdir(parents=True, exist_ok=True)
-    print(f"run directory: {run_dir}" + (f"\nto resume if interrupted: {resume_hint}" if resume_hint else ""),
-          file=sys.stderr, flush=True)
+    if distributed.is_main():
+        workers = f" ({distributed.world_size()} processes)" if distributed.active() else ""
+        resume = f"\nto resume if interrupted: {resume_hint}" if resume_hint else ""
+        print(f"run directory: {run_dir}{workers}{resume}", file=sys.stderr, flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ckpt = _load_checkpoint(run_dir / CHECKPOINT, cfg, device) if cfg.resume else None
@@ -161,15 +180,25 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     }
     if ckpt:
         record.update(status="running", resumed_from_shot=ckpt["shot"], config=portable_config(to_container(cfg)))
+    record["processes"] = distributed.world_size()  # of the last start (timings and peak memory are rank 0's)
     record_path = run_dir / RECORD
-    write_json_atomic(record_path, record)
+    _write_record(record_path, record)
     wandb = _make_logger(cfg, run_dir)
     try:
         record = _run(cfg, run_dir, device, record, ckpt, wandb, data)
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        record.update(status=status, finished=now_iso(), error=f"{type(err).__name__}: {err}")
-        write_json_atomic(record_path, record)
+        error = f"{type(err).__name__}: {err}"
+        stopped = isinstance(err, (KeyboardInterrupt, distributed.RankStopped))
+        if distributed.active():  # the record names the rank whose error came first
+            distributed.report_failure(err)
+            here = f"rank {distributed.rank()}: {error}"
+            origin = distributed.failure() if distributed.is_main() else None
+            if origin and origin != here:
+                error, stopped = f"{origin} (then {here})", False
+            else:
+                error = here
+        record.update(status="interrupted" if stopped else "failed", finished=now_iso(), error=error)
+        _write_record(record_path, record)
         if wandb:
             wandb.finish(exit_code=1)
         raise
@@ -199,6 +228,7 @@ def prepare_data(cfg) -> Data:
 
 def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, data: Data) -> dict:
     record_path = run_dir / RECORD
+    main = distributed.is_main()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if device.type == "cuda":
@@ -232,18 +262,18 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
             log.info("dense perplexity %.3f", record["dense_ppl"])
             if wandb:
                 wandb.log_dense(record["dense_ppl"])
-        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.dense:
+        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.dense and main:
             record["lm_eval"] = {"dense": _lm_eval(cfg, model, tokenizer)}
-        write_json_atomic(record_path, record)
+        _write_record(record_path, record)
 
     targets = shot_targets(cfg.target, cfg.shots, cfg.schedule)
     opts = ShotOptions.from_config(cfg)
-    for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots):
+    for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots, disable=not main):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         check_finite(layers, f"before shot {shot}")
         seconds, solver_info = prune_shot(model, layers, batches, state, targets[shot - 1], opts,
-                                          seed=cfg.seed + shot, progress=True)
+                                          seed=cfg.seed + shot, progress=main)
         point = {"shot": shot, "target": targets[shot - 1], **solver_info}
         if cfg.lora.enabled:
             t0 = time.perf_counter()
@@ -262,17 +292,21 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
         record["sparsity"] = point["sparsity"]
         if point["ppl"] is not None:
             record["final_ppl"] = point["ppl"]
-        write_json_atomic(record_path, record)
+        _write_record(record_path, record)
         _save_checkpoint(run_dir / CHECKPOINT, layers, state, shot, record)
         if wandb:
             wandb.log_shot(point, record["layers"])
-        log.info("shot %d/%d: target %.4f sparsity %.4f ppl %s", shot, cfg.shots, point["target"],
-                 point["sparsity"], f"{point['ppl']:.3f}" if point["ppl"] is not None else "-")
+        if main:
+            log.info("shot %d/%d: target %.4f sparsity %.4f ppl %s", shot, cfg.shots, point["target"],
+                     point["sparsity"], f"{point['ppl']:.3f}" if point["ppl"] is not None else "-")
 
+    if cfg.compact:  # on every rank (they hold the same model): the compacted model's evaluation is split too
+        record["compact"] = _compact(model, ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
+    if not main:  # the other ranks' part ends with the last evaluation
+        record.update(status="complete", finished=now_iso())
+        return record
     if cfg.eval.lm_eval.tasks:
         record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
-    if cfg.compact:
-        record["compact"] = _compact(model, ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
     if cfg.save_model:
         model_dir = run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
@@ -281,7 +315,7 @@ def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, dat
         tokenizer.save_pretrained(model_dir)
         record["model_dir"] = str(model_dir.resolve())
     record.update(status="complete", finished=now_iso())
-    write_json_atomic(record_path, record)
+    _write_record(record_path, record)
     append_jsonl(cfg.results, record)
     print(summary_table(record))
     return record
@@ -296,10 +330,11 @@ def _compact(model, ppl, final_ppl: float | None, uniform: bool) -> dict:
     report = compact(model, uniform=uniform)
     report["ppl"] = ppl()
     report["seconds"] = time.perf_counter() - t0
-    log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads kept), perplexity %.4f (zeroed %s)",
-             report["params_before"], report["params"], report["mlp_units"]["kept"], report["mlp_units"]["total"],
-             report["heads"]["kept"], report["heads"]["total"], report["ppl"],
-             f"{final_ppl:.4f}" if final_ppl is not None else "-")
+    if distributed.is_main():
+        log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads kept), perplexity %.4f "
+                 "(zeroed %s)", report["params_before"], report["params"], report["mlp_units"]["kept"],
+                 report["mlp_units"]["total"], report["heads"]["kept"], report["heads"]["total"], report["ppl"],
+                 f"{final_ppl:.4f}" if final_ppl is not None else "-")
     return report
 
 

@@ -9,6 +9,8 @@ rule to each layer separately at its own ratio (the `selection=uniform` ablation
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -54,15 +56,34 @@ def _order_keys(c: Tensor) -> Tensor:
     return torch.where(bits < 0, bits ^ flip, bits)
 
 
+@dataclass
+class Split:
+    """The layers' costs held by several processes, each with the costs of some layers: `layers` names all of them
+    in the global order, `numel` is their total size, and `reduce(values, op)` combines a list of integers over the
+    processes ('sum', 'min' or 'max', elementwise). The selection then exchanges counts only, never costs."""
+
+    layers: list[str]
+    numel: int
+    reduce: Callable[[list[int], str], list[int]]
+
+
+def _one_process(values: list[int], op: str) -> list[int]:
+    return values
+
+
 def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count: int,
-                     consume: bool = False) -> dict[str, Tensor]:
+                     consume: bool = False, split: Split | None = None) -> dict[str, Tensor]:
     """Removed masks plus the cheapest free entries, so that `count` entries are removed in all.
 
     The same choice as one stable sort of all free costs concatenated in layer order (ties go to the earlier
     layer, then the earlier row-major index), found without building that tensor: the k-th smallest cost is
     found by bisection over the integers that order the floats (as wide as the costs), counted layer by layer:
     no tensor of all costs is built, and no float64 copy of them. `consume=True` empties `costs` as each layer's
-    keys are made, so that the costs and the keys are never held whole at once."""
+    keys are made, so that the costs and the keys are never held whole at once. With `split`, `costs` are this
+    process's layers and every count is combined over the processes: the same choice as one process with all
+    costs (ties still go to the earlier layer in `split.layers`)."""
+    reduce = split.reduce if split else _one_process
+    order = split.layers if split else list(costs)
     dtype = _common_dtype(costs.values())
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float64
@@ -74,52 +95,53 @@ def _remove_cheapest(costs: dict[str, Tensor], removed: dict[str, Tensor], count
         del c
     costs = free_keys  # only the names and their order are used below
     keys = free_keys.__getitem__
-    n_free = {name: len(k) for name, k in free_keys.items()}
-    n_new = max(0, min(count - sum(int(m.sum()) for m in removed.values()), sum(n_free.values())))
+    n_removed, n_free = reduce([sum(int(m.sum()) for m in removed.values()), sum(len(k) for k in free_keys.values())],
+                               "sum")
+    n_new = max(0, min(count - n_removed, n_free))
     out = {name: removed[name].clone() for name in costs}
     if n_new == 0:
         return out
-    if n_new == sum(n_free.values()):
+    if n_new == n_free:
         return {name: torch.ones_like(m) for name, m in removed.items()}
     # smallest key k with #{free keys <= k} >= n_new; every count is an integer, so 64 halvings are exact
-    lo, hi = None, None
-    for name in costs:
-        k = keys(name)
-        if len(k):
-            lo = int(k.min()) if lo is None else min(lo, int(k.min()))
-            hi = int(k.max()) if hi is None else max(hi, int(k.max()))
+    lo = reduce([min((int(k.min()) for k in free_keys.values() if len(k)), default=2**63 - 1)], "min")[0]
+    hi = reduce([max((int(k.max()) for k in free_keys.values() if len(k)), default=-2**63)], "max")[0]
     while lo < hi:
         mid = lo + (hi - lo) // 2
-        if sum(int((keys(name) <= mid).sum()) for name in costs) >= n_new:
+        if reduce([sum(int((keys(name) <= mid).sum()) for name in costs)], "sum")[0] >= n_new:
             hi = mid
         else:
             lo = mid + 1
-    ties_left = n_new - sum(int((keys(name) < lo).sum()) for name in costs)
+    below = reduce([sum(int((keys(name) < lo).sum()) for name in costs)], "sum")[0]
+    # the ties at the threshold go to the earlier layers: each layer takes what the ties before it left
+    ties = reduce([int((keys(name) == lo).sum()) if name in free_keys else 0 for name in order], "sum")
+    earlier = dict(zip(order, [0, *torch.tensor(ties).cumsum(0).tolist()]))
     for name in costs:
         k = keys(name)
         tie = k == lo
+        ties_left = max(n_new - below - earlier[name], 0)
         take = (k < lo) | (tie & (tie.cumsum(0) <= ties_left))
-        ties_left -= int(tie.sum().clamp(max=max(ties_left, 0)))
         out[name][~removed[name]] = take.to(out[name].device)
     return out
 
 
 def select_unstructured(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float,
-                        uniform: bool = False, consume: bool = False) -> dict[str, Tensor]:
+                        uniform: bool = False, consume: bool = False, split: Split | None = None) -> dict[str, Tensor]:
     """Remove the cheapest elements until round(target * total) are removed (section 4, unstructured);
-    `consume=True` empties `costs` on the way (less memory)."""
+    `consume=True` empties `costs` on the way (less memory); `split`: this process's layers of several (Split)."""
     _check_target(target)
     _check_masks(costs, removed, "costs")
     if uniform:
         return {name: _remove_cheapest({name: c}, {name: removed[name]}, round(target * c.numel()))[name]
                 for name, c in costs.items()}
-    total = sum(c.numel() for c in costs.values())
-    return _remove_cheapest(costs, removed, round(target * total), consume=consume)
+    total = split.numel if split else sum(c.numel() for c in costs.values())
+    return _remove_cheapest(costs, removed, round(target * total), consume=consume, split=split)
 
 
 def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: float, n: int, m: int,
-              uniform: bool = False) -> dict[str, Tensor]:
-    """Select the cheapest target*m/(m-n) of m-blocks and remove m-n entries in each (section 4, N:M)."""
+              uniform: bool = False, split: Split | None = None) -> dict[str, Tensor]:
+    """Select the cheapest target*m/(m-n) of m-blocks and remove m-n entries in each (section 4, N:M);
+    `split`: this process's layers of several (Split)."""
     if not 0 <= n < m:
         raise ValueError(f"N:M sparsity needs 0 <= n < m, got n={n}, m={m}")
     _check_target(target, (m - n) / m)
@@ -145,8 +167,8 @@ def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: floa
         selected = {name: _remove_cheapest({name: b}, {name: pruned[name]}, round(target * costs[name].numel() / k))[name]
                     for name, b in block_costs.items()}
     else:
-        total = sum(c.numel() for c in costs.values())
-        selected = _remove_cheapest(block_costs, pruned, round(target * total / k), consume=True)
+        total = split.numel if split else sum(c.numel() for c in costs.values())
+        selected = _remove_cheapest(block_costs, pruned, round(target * total / k), consume=True, split=split)
     out = {}
     for name, c in costs.items():
         mask = torch.zeros(*selected[name].shape, m, dtype=torch.bool, device=c.device)

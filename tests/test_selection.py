@@ -339,9 +339,10 @@ def test_structured_errors():
         select_structured(row_costs, col_costs, no_masks(row_costs), bad, 0.5)
 
 
-def concat_sort_selection(costs, removed, count_, consume=False):
+def concat_sort_selection(costs, removed, count_, consume=False, split=None):
     """The selection before the memory-lean one: one stable sort of every free cost concatenated (`consume`
-    accepted and ignored, so that it can stand in for `selection._remove_cheapest`)."""
+    accepted and ignored, so that it can stand in for `selection._remove_cheapest`; one process: no `split`)."""
+    assert split is None, "the reference holds every layer's costs"
     free = [costs[n][~removed[n]].double() for n in costs]
     sizes = [len(f) for f in free]
     n_new = max(0, min(count_ - count(removed), sum(sizes)))
