@@ -28,24 +28,19 @@ UNSTRUCTURED_TARGETS = (0.5, 0.7)  # Table 2 is at 50%; 70% shows where the meth
 MISSING_MD = "—"
 MISSING_TEX = "--"
 
-# Settings that tell two runs of the same method apart; a row label names those that vary
-# within a table, so that e.g. rank 1 and rank 2 runs never overwrite each other.
-VARIANTS = {
-    "shots": ("protocol", "shots"),
-    "schedule": ("protocol", "schedule"),
-    "rank": ("protocol", "rank"),
-    "correlation": ("protocol", "correlation"),
-    "selection": ("protocol", "selection"),
-    "fisher": ("protocol", "fisher"),
-    "damping_a": ("protocol", "damping_a"),
-    "damping_g": ("protocol", "damping_g"),
-    "solver": ("protocol", "solver"),
-    "max_correlate": ("protocol", "max_correlate"),
-    "union": ("protocol", "union"),
-    "lora": ("protocol", "lora"),
-    "dtype": ("protocol", "dtype"),
-    "precision": ("protocol", "precision"),
-}
+# Protocol entries that place a run in a table (model, method, structure, target) or say how it was measured.
+# Every other protocol entry is a setting that tells two runs of the same method apart (a row label names those
+# that vary within a table, so that e.g. rank 1 and rank 2 runs never overwrite each other): a setting added to
+# the protocol (prune.ShotOptions, records.protocol) is a table variant with nothing to add here.
+PLACEMENT = {"model", "model_preset", "revision", "gguf_file", "method", "structure", "n", "m", "target", "calib",
+             "eval", "quick", "device", "prunable_params", "processes"}
+
+
+def variant_settings(records: list[dict]) -> list[str]:
+    """The protocol's settings that can tell runs apart, in the order the newest record's protocol has them."""
+    keys = dict.fromkeys(k for r in sorted(records, key=_newness, reverse=True) for k in r.get("protocol", {}))
+    return [k for k in keys if k not in PLACEMENT]
+
 
 # The protocol settings summarised under each table: group -> (label, path in the protocol)
 SUMMARY = {
@@ -125,14 +120,14 @@ def _variant_fields(records: list[dict], fields) -> dict[str, list[str]]:
     varying = {}
     for method in {r["protocol"]["method"] for r in records}:
         own = [r for r in records if r["protocol"]["method"] == method]
-        varying[method] = [f for f in fields if len({json.dumps(_get(r, VARIANTS[f])) for r in own}) > 1]
+        varying[method] = [f for f in fields if len({json.dumps(r["protocol"].get(f)) for r in own}) > 1]
     return varying
 
 
 def _method_key(record: dict, varying: dict[str, list[str]]) -> tuple:
     """(method, ((setting, value), ...)) for the settings that vary among the method's records."""
     method = record["protocol"]["method"]
-    return method, tuple((f, _get(record, VARIANTS[f])) for f in varying[method])
+    return method, tuple((f, record["protocol"].get(f)) for f in varying[method])
 
 
 def _row_label(method: str, variants: tuple) -> str:
@@ -157,7 +152,7 @@ def run_labels(records: list[dict], shots: bool | None = None) -> dict[str, str]
     for structure in {r["protocol"]["structure"] for r in records}:
         group = [r for r in records if r["protocol"]["structure"] == structure]
         named = structure == "structured" if shots is None else shots
-        fields = VARIANTS if named else [f for f in VARIANTS if f != "shots"]
+        fields = [f for f in variant_settings(group) if named or f != "shots"]
         varying = _variant_fields(group, fields)
         labels.update({r["run_id"]: _row_label(*_method_key(r, varying)) for r in group})
     return labels
@@ -289,7 +284,7 @@ def build_tables(records: list[dict]) -> dict:
     def rows_by(group, shots_column=False, placed=False):
         # with a shots column, the shots are part of the row rather than a variant in its label; placed rows
         # (runs outside the paper's tables: ablations) also carry their structure and target
-        varying = _variant_fields(group, [f for f in VARIANTS if not (shots_column and f == "shots")])
+        varying = _variant_fields(group, [f for f in variant_settings(group) if not (shots_column and f == "shots")])
 
         def row_of(record):
             method, variants = _method_key(record, varying)

@@ -10,7 +10,7 @@ take their own path through `surgeon.baselines`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
@@ -23,47 +23,51 @@ from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import Split, select_nm, select_structured, select_unstructured
 
 
+def _setting(key: str, default, protocol: bool = False):
+    """A shot setting read from config key `key`; `protocol`: the record's protocol carries it under the field's
+    name. Adding a setting: this field and its line in conf/config.yaml."""
+    return field(default=default, metadata={"config": key, "protocol": protocol})
+
+
 @dataclass
 class ShotOptions:
-    """The parts of the config a shot needs, in the paper's vocabulary."""
+    """The parts of the config a shot needs, in the paper's vocabulary: the one mapping from config keys to shot
+    settings (`from_config`), and the source of the record's protocol entries for them. The defaults are those of
+    the config with `structure=unstructured` (tests/test_config.py checks they agree)."""
 
-    method: str = "surgeon"
-    kind: str = "kfac"
-    structure: str = "unstructured"
-    n: int = 2
-    m: int = 4
-    correlation: str = "layer"
-    selection: str = "global"
-    solver: str = "joint"
-    tol: float = 1e-10
-    max_iter: int = 2000
-    max_correlate: int = 2000
-    union: str = "exact"
-    rank: int = 1
-    rank2_iters: int = 3
-    damping_a: float = 0.01
-    damping_g: float = 0.1
-    fisher: str = "empirical"
-    undamped_numerators: bool = False
-    blocksize: int = 128
-    percdamp: float = 0.01
-    precision: str = "fp32"
-    offload: str = "none"
-    accumulate: str = "float32"
+    method: str = _setting("method.name", "surgeon", protocol=True)
+    kind: str = _setting("curvature.kind", "kfac")
+    structure: str = _setting("structure.name", "unstructured", protocol=True)
+    n: int = _setting("structure.n", 2, protocol=True)
+    m: int = _setting("structure.m", 4, protocol=True)
+    correlation: str = _setting("correlation", "layer", protocol=True)
+    selection: str = _setting("selection", "global", protocol=True)
+    solver: str = _setting("update.solver", "joint")  # in the protocol only where element updates are made
+    tol: float = _setting("update.tol", 1e-10)
+    max_iter: int = _setting("update.max_iter", 2000)
+    max_correlate: int = _setting("max_correlate", 2000)
+    union: str = _setting("union", "exact", protocol=True)
+    rank: int = _setting("curvature.rank", 1, protocol=True)
+    rank2_iters: int = _setting("curvature.rank2_iters", 3)
+    damping_a: float = _setting("curvature.damping_a", 0.01, protocol=True)
+    damping_g: float = _setting("curvature.damping_g", 0.1, protocol=True)
+    fisher: str = _setting("curvature.fisher", "empirical", protocol=True)
+    undamped_numerators: bool = _setting("curvature.undamped_numerators", False)
+    blocksize: int = _setting("method.blocksize", 128)  # SparseGPT's; other method presets have none
+    percdamp: float = _setting("method.percdamp", 0.01)
+    precision: str = _setting("curvature.precision", "fp32", protocol=True)
+    offload: str = _setting("curvature.offload", "none")
+    accumulate: str = _setting("curvature.accumulate", "float32")
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
-        return cls(
-            method=cfg.method.name, kind=cfg.curvature.kind, structure=cfg.structure.name,
-            n=cfg.structure.n, m=cfg.structure.m, correlation=cfg.correlation, selection=cfg.selection,
-            solver=cfg["update"].solver, tol=cfg["update"].tol, max_iter=cfg["update"].max_iter,
-            max_correlate=cfg.max_correlate, union=cfg.union, rank=cfg.curvature.rank,
-            rank2_iters=cfg.curvature.rank2_iters, damping_a=cfg.curvature.damping_a,
-            damping_g=cfg.curvature.damping_g, fisher=cfg.curvature.fisher,
-            undamped_numerators=cfg.curvature.undamped_numerators,
-            blocksize=cfg.method.get("blocksize", 128), percdamp=cfg.method.get("percdamp", 0.01),
-            precision=cfg.curvature.precision, offload=cfg.curvature.offload, accumulate=cfg.curvature.accumulate,
-        )
+        from omegaconf import OmegaConf
+
+        return cls(**{f.name: OmegaConf.select(cfg, f.metadata["config"], default=f.default) for f in fields(cls)})
+
+    def protocol(self) -> dict:
+        """The shot settings a record's protocol carries (records.protocol adds the rest)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["protocol"]}
 
 
 @dataclass

@@ -147,29 +147,20 @@ def git_commit() -> str | None:
 
 def protocol(cfg, device: str) -> dict:
     """What docs/protocol.md requires a record to carry, from the resolved config."""
-    structured = cfg.structure.name
+    from .prune import ShotOptions
+
+    solver = element_solver(cfg)
     return {
         "model": portable_path(str(cfg.model.name_or_path)),
         "model_preset": cfg.model.name,
         "revision": cfg.model.get("revision"),
         "gguf_file": cfg.model.get("gguf_file"),
-        "method": cfg.method.name,
-        "structure": structured,
-        "n": cfg.structure.n,
-        "m": cfg.structure.m,
+        **ShotOptions.from_config(cfg).protocol(),  # method, structure, n:m, rank, damping, ... (prune.ShotOptions)
         "target": cfg.target,
         "shots": cfg.shots,
         "schedule": cfg.schedule,
-        "rank": cfg.curvature.rank,
-        "correlation": cfg.correlation,
-        "selection": cfg.selection,
-        "solver": element_solver(cfg),
-        "max_correlate": cfg.max_correlate if element_solver(cfg) == "grouped" else None,
-        "union": cfg.union,
-        "damping_a": cfg.curvature.damping_a,
-        "damping_g": cfg.curvature.damping_g,
-        "fisher": cfg.curvature.fisher,
-        "precision": cfg.curvature.precision,
+        "solver": solver,
+        "max_correlate": cfg.max_correlate if solver == "grouped" else None,
         "lora": bool(cfg.lora.enabled),
         "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
                   "seed": cfg.calib.seed},

@@ -161,3 +161,24 @@ def test_resume_without_a_folder_finds_the_newest_unfinished_run(tmp_path, share
     fake_run("d", cfg, "interrupted", "2026-01-04T00:00:00Z", checkpoint=False)
     fake_run("e", other, "interrupted", "2026-01-05T00:00:00Z")
     assert find_resumable(cfg, roots=(str(tmp_path / "outputs"),)) == newest
+
+
+def test_shot_options_read_every_setting_from_the_config_and_share_its_defaults():
+    """ShotOptions is the one mapping from config keys to shot settings: every field's key exists in the composed
+    config (a renamed YAML key fails here) and its default is the config's (structure=unstructured)."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from surgeon.prune import ShotOptions
+
+    cfg = compose(["structure=unstructured"])
+    sparsegpt = compose(["method=sparsegpt", "structure=unstructured"])  # the only preset with method settings
+    for f in fields(ShotOptions):
+        source = sparsegpt if f.metadata["config"] in ("method.blocksize", "method.percdamp") else cfg
+        assert OmegaConf.select(source, f.metadata["config"], default="missing") == f.default, f.name
+    assert ShotOptions.from_config(cfg) == ShotOptions()
+    assert ShotOptions.from_config(compose(["curvature.damping_g=0.5"])).damping_g == 0.5
+    from surgeon.records import protocol
+
+    assert set(ShotOptions().protocol()) <= set(protocol(cfg, "cpu"))
