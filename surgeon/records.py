@@ -172,6 +172,16 @@ def protocol(cfg, device: str) -> dict:
     }
 
 
+def add_point(record: dict, point: dict) -> None:
+    """A finished shot into the record: its point, the per-layer sparsity, the sparsity and the last perplexity."""
+    record["points"].append(point)
+    for entry, s in zip(record["layers"], point["layer_sparsity"]):
+        entry["sparsity"] = s
+    record["sparsity"] = point["sparsity"]
+    if point["ppl"] is not None:
+        record["final_ppl"] = point["ppl"]
+
+
 def element_solver(cfg) -> str | None:
     """The solver of the joint element / N:M updates, None for runs that make none (structured, OBD, layer-wise)."""
     if cfg.structure.name == "structured" or cfg.correlation != "layer" or cfg.method.name in LAYERWISE_METHODS:

@@ -1,4 +1,5 @@
-"""The runner: validate, load, calibrate, evaluate dense, run the shots, evaluate, record.
+"""The runner: validate, then `_prepare` (load, restore a checkpoint or evaluate dense), `_shot` per shot
+(prune, LoRA, evaluate, record, checkpoint) and `_finish` (compact, lm-eval, save, record).
 
 Reads top to bottom like the paper's algorithm; everything numeric lives in the modules
 it calls (curvature -> obs -> selection -> prune), everything about bookkeeping in
@@ -28,8 +29,8 @@ from .config import ConfigError, resolve_device, to_container, validate
 from .evaluate import window_losses
 from .prune import (PruneState, ShotOptions, apply_masks, check_finite, layer_sparsity, overall_sparsity,
                     prune_shot)
-from .records import (append_jsonl, find_complete, git_commit, new_run_id, now_iso, portable_config, protocol,
-                      same_protocol, upgrade, versions, write_json_atomic)
+from .records import (add_point, append_jsonl, find_complete, git_commit, new_run_id, now_iso, portable_config,
+                      protocol, same_protocol, upgrade, versions, write_json_atomic)
 from .schedule import shot_targets
 
 log = logging.getLogger("surgeon")
@@ -226,96 +227,130 @@ def prepare_data(cfg) -> Data:
     return Data(tokenizer, calib, data_mod.batches(calib, cfg.calib.batch_size), eval_w)
 
 
+@dataclass
+class Job:
+    """One run in progress: what its steps share."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    record: dict
+    wandb: object
+    data: Data
+    model: object = None
+    layers: list = None
+    state: PruneState = None
+    start: int = 1      # the first shot still to run
+
+    @property
+    def main(self) -> bool:
+        return distributed.is_main()
+
+    def ppl(self) -> float:
+        return perplexity(self.model, self.data.eval_windows, self.cfg.eval.batch_size)
+
+    def write(self) -> None:
+        _write_record(self.run_dir / RECORD, self.record)
+
+
 def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, data: Data) -> dict:
-    record_path = run_dir / RECORD
-    main = distributed.is_main()
+    """Prepare (load, restore or evaluate dense), the shots, finish (compact, lm-eval, save, record)."""
+    job = _prepare(Job(cfg, run_dir, device, record, wandb, data), ckpt)
+    targets = shot_targets(cfg.target, cfg.shots, cfg.schedule)
+    opts = ShotOptions.from_config(cfg)
+    for shot in tqdm(range(job.start, cfg.shots + 1), desc="shots", initial=job.start - 1, total=cfg.shots,
+                     disable=not job.main):
+        _shot(job, shot, targets[shot - 1], opts)
+    return _finish(job)
+
+
+def _prepare(job: Job, ckpt: dict | None) -> Job:
+    """Load the model; restore the checkpoint's weights, masks and RNG, or evaluate the dense model."""
+    cfg, record = job.cfg, job.record
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    tokenizer, calib, batches, eval_w = data.tokenizer, data.calib, data.batches, data.eval_windows
-    model = models.load_model(cfg, device)
-    layers = adapter_for(model.config.model_type).layers(model)
-    record["protocol"]["eval"]["windows"] = eval_w.shape[0]
-    record["protocol"]["prunable_params"] = prunable_parameter_count(layers)
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    job.model = models.load_model(cfg, job.device)
+    job.layers = adapter_for(job.model.config.model_type).layers(job.model)
+    record["protocol"]["eval"]["windows"] = job.data.eval_windows.shape[0]
+    record["protocol"]["prunable_params"] = prunable_parameter_count(job.layers)
     record["layers"] = [{"name": l.name, "type": l.type, "block": l.block, "shape": list(l.shape), "sparsity": 0.0}
-                        for l in layers]
-    ppl = lambda: perplexity(model, eval_w, cfg.eval.batch_size)  # noqa: E731
-
+                        for l in job.layers]
     if ckpt:
         with torch.no_grad():
-            for layer in layers:
+            for layer in job.layers:
                 layer.module.load_state_dict(ckpt["weights"][layer.name])
-        state = PruneState.from_state_dict(ckpt["state"], device)
+        job.state = PruneState.from_state_dict(ckpt["state"], job.device)
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        start = ckpt["shot"] + 1
-        log.info("resuming %s after shot %d (its checkpoint): shots %d..%d", run_dir, ckpt["shot"], start, cfg.shots)
-    else:
-        state = PruneState.empty(layers)
-        start = 1
-        if cfg.eval.dense:
-            record["dense_ppl"] = ppl()
-            log.info("dense perplexity %.3f", record["dense_ppl"])
-            if wandb:
-                wandb.log_dense(record["dense_ppl"])
-        if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.dense and main:
-            record["lm_eval"] = {"dense": _lm_eval(cfg, model, tokenizer)}
-        _write_record(record_path, record)
+        job.start = ckpt["shot"] + 1
+        log.info("resuming %s after shot %d (its checkpoint): shots %d..%d", job.run_dir, ckpt["shot"], job.start,
+                 cfg.shots)
+        return job
+    job.state = PruneState.empty(job.layers)
+    if cfg.eval.dense:
+        record["dense_ppl"] = job.ppl()
+        log.info("dense perplexity %.3f", record["dense_ppl"])
+        if job.wandb:
+            job.wandb.log_dense(record["dense_ppl"])
+    if cfg.eval.lm_eval.tasks and cfg.eval.lm_eval.dense and job.main:
+        record["lm_eval"] = {"dense": _lm_eval(cfg, job.model, job.data.tokenizer)}
+    job.write()
+    return job
 
-    targets = shot_targets(cfg.target, cfg.shots, cfg.schedule)
-    opts = ShotOptions.from_config(cfg)
-    for shot in tqdm(range(start, cfg.shots + 1), desc="shots", initial=start - 1, total=cfg.shots, disable=not main):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        check_finite(layers, f"before shot {shot}")
-        seconds, solver_info = prune_shot(model, layers, batches, state, targets[shot - 1], opts,
-                                          seed=cfg.seed + shot, progress=main)
-        point = {"shot": shot, "target": targets[shot - 1], **solver_info}
-        if cfg.lora.enabled:
-            t0 = time.perf_counter()
-            point["lora"] = _lora(cfg, model, layers, calib, state, shot)
-            seconds["lora"] = time.perf_counter() - t0
-        check_finite(layers, f"after shot {shot}")
-        evaluate = shot == cfg.shots or (cfg.eval.every and shot % cfg.eval.every == 0)
+
+def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
+    """One shot (prune.prune_shot), LoRA, evaluation when due; the record and checkpoint written after it."""
+    cfg, layers = job.cfg, job.layers
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    check_finite(layers, f"before shot {shot}")
+    seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
+                                      seed=cfg.seed + shot, progress=job.main)
+    point = {"shot": shot, "target": target, **solver_info}
+    if cfg.lora.enabled:
         t0 = time.perf_counter()
-        point["ppl"] = ppl() if evaluate else None
-        seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
-        point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(device),
-                     layer_sparsity=layer_sparsity(layers))
-        record["points"].append(point)
-        for entry, s in zip(record["layers"], point["layer_sparsity"]):
-            entry["sparsity"] = s
-        record["sparsity"] = point["sparsity"]
-        if point["ppl"] is not None:
-            record["final_ppl"] = point["ppl"]
-        _write_record(record_path, record)
-        _save_checkpoint(run_dir / CHECKPOINT, layers, state, shot, record)
-        if wandb:
-            wandb.log_shot(point, record["layers"])
-        if main:
-            log.info("shot %d/%d: target %.4f sparsity %.4f ppl %s", shot, cfg.shots, point["target"],
-                     point["sparsity"], f"{point['ppl']:.3f}" if point["ppl"] is not None else "-")
+        point["lora"] = _lora(cfg, job.model, layers, job.data.calib, job.state, shot)
+        seconds["lora"] = time.perf_counter() - t0
+    check_finite(layers, f"after shot {shot}")
+    evaluate = shot == cfg.shots or (cfg.eval.every and shot % cfg.eval.every == 0)
+    t0 = time.perf_counter()
+    point["ppl"] = job.ppl() if evaluate else None
+    seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
+    point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(job.device),
+                 layer_sparsity=layer_sparsity(layers))
+    add_point(job.record, point)
+    job.write()
+    _save_checkpoint(job.run_dir / CHECKPOINT, layers, job.state, shot, job.record)
+    if job.wandb:
+        job.wandb.log_shot(point, job.record["layers"])
+    if job.main:
+        log.info("shot %d/%d: target %.4f sparsity %.4f ppl %s", shot, cfg.shots, point["target"],
+                 point["sparsity"], f"{point['ppl']:.3f}" if point["ppl"] is not None else "-")
 
+
+def _finish(job: Job) -> dict:
+    """Compaction, lm-eval, the saved model; the complete record written and appended to the results."""
+    cfg, record, model = job.cfg, job.record, job.model
     if cfg.compact:  # on every rank (they hold the same model): the compacted model's evaluation is split too
-        record["compact"] = _compact(model, ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
-    if not main:  # the other ranks' part ends with the last evaluation
+        record["compact"] = _compact(model, job.ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
+    if not job.main:  # the other ranks' part ends with the last evaluation
         record.update(status="complete", finished=now_iso())
         return record
     if cfg.eval.lm_eval.tasks:
-        record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, tokenizer)}
+        record["lm_eval"] = {**(record["lm_eval"] or {}), **_lm_eval(cfg, model, job.data.tokenizer)}
     if cfg.save_model:
-        model_dir = run_dir / "model"
+        model_dir = job.run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
         model.config.use_cache = True  # off only for calibration and evaluation here; a user's generate wants it
         model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        job.data.tokenizer.save_pretrained(model_dir)
         record["model_dir"] = str(model_dir.resolve())
     record.update(status="complete", finished=now_iso())
-    _write_record(record_path, record)
+    job.write()
     append_jsonl(cfg.results, record)
     print(summary_table(record))
     return record
