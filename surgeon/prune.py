@@ -17,47 +17,67 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
-from .config import LAYERWISE_METHODS
+from .config import LAYERWISE_METHODS, PROJECT_ROOT
 from .curvature import estimate_curvature
 from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import Split, select_nm, select_structured, select_unstructured
 
 
-def _setting(key: str, default, protocol: bool = False):
-    """A shot setting read from config key `key`; `protocol`: the record's protocol carries it under the field's
-    name. Adding a setting: this field and its line in conf/config.yaml."""
-    return field(default=default, metadata={"config": key, "protocol": protocol})
+def _yaml_defaults() -> dict:
+    """The settings a shot built directly (`ShotOptions()`) starts from: conf/config.yaml with the unstructured
+    structure and surgeon method presets over it, as Hydra composes them; SparseGPT's own settings from its preset.
+    Read from the YAML, so no default is written twice (tests/test_config.py compares with Hydra's composition)."""
+    from omegaconf import OmegaConf
+
+    conf = PROJECT_ROOT / "conf"
+    base = OmegaConf.load(conf / "config.yaml")
+    base.pop("defaults")
+    base.pop("hydra")
+    return {"base": OmegaConf.merge(base, OmegaConf.load(conf / "structure" / "unstructured.yaml"),
+                                    OmegaConf.load(conf / "method" / "surgeon.yaml")),
+            "sparsegpt": OmegaConf.load(conf / "method" / "sparsegpt.yaml")}
+
+
+_DEFAULTS = _yaml_defaults()
+
+
+def _setting(key: str, protocol: bool = False, preset: str = "base"):
+    """A shot setting read from config key `key`, its default from the YAML (`_yaml_defaults`); `protocol`: the
+    record's protocol carries it under the field's name. Adding a setting: this field and its YAML line."""
+    from omegaconf import OmegaConf
+
+    return field(default=OmegaConf.select(_DEFAULTS[preset], key, throw_on_missing=True),
+                 metadata={"config": key, "protocol": protocol})
 
 
 @dataclass
 class ShotOptions:
     """The parts of the config a shot needs, in the paper's vocabulary: the one mapping from config keys to shot
-    settings (`from_config`), and the source of the record's protocol entries for them. The defaults are those of
-    the config with `structure=unstructured` (tests/test_config.py checks they agree)."""
+    settings (`from_config`), and the source of the record's protocol entries for them."""
 
-    method: str = _setting("method.name", "surgeon", protocol=True)
-    kind: str = _setting("curvature.kind", "kfac")
-    structure: str = _setting("structure.name", "unstructured", protocol=True)
-    n: int = _setting("structure.n", 2, protocol=True)
-    m: int = _setting("structure.m", 4, protocol=True)
-    correlation: str = _setting("correlation", "layer", protocol=True)
-    selection: str = _setting("selection", "global", protocol=True)
-    solver: str = _setting("update.solver", "joint")  # in the protocol only where element updates are made
-    tol: float = _setting("update.tol", 1e-10)
-    max_iter: int = _setting("update.max_iter", 2000)
-    max_correlate: int = _setting("max_correlate", 2000)
-    union: str = _setting("union", "exact", protocol=True)
-    rank: int = _setting("curvature.rank", 1, protocol=True)
-    rank2_iters: int = _setting("curvature.rank2_iters", 3)
-    damping_a: float = _setting("curvature.damping_a", 0.01, protocol=True)
-    damping_g: float = _setting("curvature.damping_g", 0.1, protocol=True)
-    fisher: str = _setting("curvature.fisher", "empirical", protocol=True)
-    undamped_numerators: bool = _setting("curvature.undamped_numerators", False)
-    blocksize: int = _setting("method.blocksize", 128)  # SparseGPT's; other method presets have none
-    percdamp: float = _setting("method.percdamp", 0.01)
-    precision: str = _setting("curvature.precision", "fp32", protocol=True)
-    offload: str = _setting("curvature.offload", "none")
-    accumulate: str = _setting("curvature.accumulate", "float32")
+    method: str = _setting("method.name", protocol=True)
+    kind: str = _setting("curvature.kind")
+    structure: str = _setting("structure.name", protocol=True)
+    n: int = _setting("structure.n", protocol=True)
+    m: int = _setting("structure.m", protocol=True)
+    correlation: str = _setting("correlation", protocol=True)
+    selection: str = _setting("selection", protocol=True)
+    solver: str = _setting("update.solver")  # in the protocol only where element updates are made
+    tol: float = _setting("update.tol")
+    max_iter: int = _setting("update.max_iter")
+    max_correlate: int = _setting("max_correlate")
+    union: str = _setting("union", protocol=True)
+    rank: int = _setting("curvature.rank", protocol=True)
+    rank2_iters: int = _setting("curvature.rank2_iters")
+    damping_a: float = _setting("curvature.damping_a", protocol=True)
+    damping_g: float = _setting("curvature.damping_g", protocol=True)
+    fisher: str = _setting("curvature.fisher", protocol=True)
+    undamped_numerators: bool = _setting("curvature.undamped_numerators")
+    blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none
+    percdamp: float = _setting("method.percdamp", preset="sparsegpt")
+    precision: str = _setting("curvature.precision", protocol=True)
+    offload: str = _setting("curvature.offload")
+    accumulate: str = _setting("curvature.accumulate")
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
