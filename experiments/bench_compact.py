@@ -132,31 +132,23 @@ def _measure(dirs: dict[str, tuple[Path, bool]], args) -> dict[str, dict]:
 
 def _prune(model: str, keep: float, args, work: Path) -> tuple[dict, Path]:
     """A structured run of the real pipeline; returns its record and the zeroed model's directory."""
-    from hydra import compose, initialize_config_dir
-
     from surgeon import runner
-    from surgeon.config import register_resolvers
+    from surgeon.config import compose
 
-    register_resolvers()
     overrides = [f"model={model}", "structure=structured", f"target={1 - keep:.6g}", f"shots={args.shots}",
                  f"calib.n={args.calib_n}", "calib.seq_len=128", "calib.batch_size=4", "eval.max_windows=8",
                  "save_model=true", f"results={work}/records.jsonl", f"device={args.device}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides)
     run_dir = work / f"{model}-{keep}"
     record = runner.run(cfg, run_dir)
     return record, run_dir / "model"
 
 
 def _dense_dir(model: str, args, work: Path) -> Path:
-    from hydra import compose, initialize_config_dir
-
     from surgeon import models
-    from surgeon.config import register_resolvers
+    from surgeon.config import compose
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model}"])
+    cfg = compose([f"model={model}"])
     out = work / f"{model}-dense"
     models.load_model(cfg, torch.device("cpu")).save_pretrained(out)
     return out

@@ -74,20 +74,17 @@ def expand(overrides: list[str]) -> list[list[str]]:
     """The single-run overrides a `run.py -m` multirun with `overrides` launches: the preset's
     hydra.sweeper.params crossed with the command line's sweeps, the command line winning on a key
     (as Hydra's basic sweeper does)."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from surgeon.config import register_resolvers
+    from surgeon.config import compose
 
     parser = OverridesParser.create()
     command = [o for o in overrides if not o.startswith("hydra.")]
     parsed = parser.parse_overrides(command)
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
-    register_resolvers()
     first = [*fixed, *(f"{k}={v[0]}" for k, v in sweeps.items())]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        params = compose("config", overrides=first, return_hydra_config=True).hydra.sweeper.params or {}
+    params = compose(first, return_hydra_config=True).hydra.sweeper.params or {}
     fixed_keys = {o.get_key_element() for o in parsed if not o.is_sweep_override()}
     dims = {}
     for key, value in params.items():
@@ -99,13 +96,10 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 def job_status(overrides: list[str]) -> list[tuple[list[str], dict | None]]:
     """(job overrides, its complete record in the results file or None) for every job of a multirun."""
-    from hydra import compose, initialize_config_dir
-
+    from surgeon.config import compose
     from surgeon.records import find_complete
 
-    jobs = expand(overrides)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return [(job, find_complete(compose("config", overrides=job), "cpu")) for job in jobs]
+    return [(job, find_complete(compose(job), "cpu")) for job in expand(overrides)]
 
 
 def print_status(tables: list[str], overrides_of) -> None:

@@ -43,6 +43,16 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("shared", _shared_resolver)
 
 
+def compose(overrides=(), return_hydra_config: bool = False) -> DictConfig:
+    """The config `python run.py <overrides>` would run, composed from conf/ without running it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def _one_of(key: str, value, valid) -> None:
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(map(str, valid))}")

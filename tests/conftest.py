@@ -17,14 +17,9 @@ CONF = ROOT / "conf"
 
 def compose(overrides=()):
     """The config `python run.py <overrides>` would run, composed without running."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from surgeon.config import compose as compose_config
 
-    from surgeon.config import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 @pytest.fixture

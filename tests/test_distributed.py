@@ -255,6 +255,16 @@ def _torchrun(run_dir, overrides, env=ENV, timeout=300):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _torchrun_with_fault(run_dir, overrides, fault: str):
+    """torchrun with the fault tests/torchrun_entry.py injects (`rank:shot[:hang]`); it must fail. Returns the
+    process, its seconds and the run's (record, checkpoint)."""
+    t0 = time.perf_counter()
+    proc = _torchrun(run_dir, overrides, env={**ENV, "SURGEON_TEST_FAIL": fault})
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode != 0
+    return proc, elapsed, _load(run_dir)
+
+
 def _load(run_dir):
     return (json.loads((run_dir / "record.json").read_text()),
             torch.load(run_dir / "checkpoint.pt", weights_only=False))
@@ -309,12 +319,8 @@ def test_failing_rank_stops_all_ranks_and_the_run_resumes(tmp_path, shared):
     the checkpoint holds shot 1; resuming under torchrun finishes the run as one process does."""
     overrides = [*SMALL, *STRUCTURES["structured"], "eval.every=1", f"results={tmp_path}/records.jsonl"]
     run_dir = tmp_path / "two"
-    t0 = time.perf_counter()
-    failed = _torchrun(run_dir, overrides, env={**ENV, "SURGEON_TEST_FAIL": "1:2"})
-    elapsed = time.perf_counter() - t0
-    assert failed.returncode != 0
+    failed, elapsed, (record, ckpt) = _torchrun_with_fault(run_dir, overrides, "1:2")
     assert "injected failure of rank 1 in shot 2" in failed.stderr
-    record, ckpt = _load(run_dir)
     assert record["status"] == "failed"
     assert record["error"].startswith("rank 1: RuntimeError: injected failure of rank 1 in shot 2"), record["error"]
     assert ckpt["shot"] == 1 and [p["shot"] for p in record["points"]] == [1]
@@ -334,11 +340,7 @@ def test_a_hanging_rank_stops_the_run_at_the_collective_timeout(tmp_path, shared
     failure, and torchrun stops the hanging rank; nothing waits for ever."""
     overrides = [*SMALL, *STRUCTURES["structured"], "distributed.timeout_s=15", f"results={tmp_path}/records.jsonl"]
     run_dir = tmp_path / "two"
-    t0 = time.perf_counter()
-    hung = _torchrun(run_dir, overrides, env={**ENV, "SURGEON_TEST_FAIL": "1:2:hang"})
-    elapsed = time.perf_counter() - t0
-    assert hung.returncode != 0
-    record, ckpt = _load(run_dir)
+    _, elapsed, (record, ckpt) = _torchrun_with_fault(run_dir, overrides, "1:2:hang")
     assert record["status"] == "failed" and record["error"].startswith("rank 0:"), record["error"]
     assert ckpt["shot"] == 1
     assert elapsed < 200, f"the ranks took {elapsed:.0f} s to stop"
