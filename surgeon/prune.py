@@ -77,7 +77,7 @@ class ShotOptions:
     percdamp: float = _setting("method.percdamp", preset="sparsegpt")
     precision: str = _setting("curvature.precision", protocol=True)
     offload: str = _setting("curvature.offload")
-    accumulate: str = _setting("curvature.accumulate")
+    accumulate: str = _setting("curvature.accumulate", protocol=True)
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":

@@ -102,6 +102,7 @@ def upgrade(record: dict) -> dict:
         p["model"] = portable_path(p["model"])
     if isinstance(p, dict):
         p.setdefault("precision", "fp32")
+        p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)

@@ -102,7 +102,7 @@ def _load_checkpoint(path: Path, cfg, device) -> dict | None:
         log.warning("resume=true but %s has no checkpoint: starting from shot 1", path.parent)
         return None
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    old, new = ckpt["record"]["protocol"], protocol(cfg, str(device))
+    old, new = upgrade({"protocol": ckpt["record"]["protocol"]})["protocol"], protocol(cfg, str(device))
     changed = [k for k in new if k != "device" and not same_protocol({k: old.get(k)}, {k: new[k]})]
     if changed:
         raise ConfigError(f"resume=true but the run in {path.parent} was made with different "
