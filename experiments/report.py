@@ -76,38 +76,49 @@ def main(argv: list[str] | None = None) -> None:
                         help="run ids to draw the allocation figure for (default: structured surgeon runs)")
     parser.add_argument("--readme", metavar="PATH",
                         help="also replace the block between the tables markers in this Markdown file")
+    parser.add_argument("--block", metavar="NAME", default=None,
+                        help="with --readme: the named block (markers '<!-- tables:start NAME -->' ... "
+                             "'<!-- tables:end NAME -->', headings two levels down) instead of the testbed block")
     args = parser.parse_args(argv)
     records = load_records(args.records)
     for path in write_report(records, args.out, args.allocation):
         print(path)
     if args.readme:
-        update_readme(args.readme, (Path(args.out) / "tables.md").read_text())
+        update_readme(args.readme, (Path(args.out) / "tables.md").read_text(), args.block)
         print(args.readme)
 
 
 START, END = "<!-- tables:start (experiments.report --readme) -->", "<!-- tables:end -->"
 
 
-def update_readme(path, tables_md: str) -> None:
-    """Replace the generated block of a README with `tables_md` (headings one level down), so its tables
-    are never typed by hand."""
+def markers(block: str | None = None) -> tuple[str, str]:
+    """The start and end markers of the testbed block (None) or of a named one."""
+    return (START, END) if block is None else (f"<!-- tables:start {block} -->", f"<!-- tables:end {block} -->")
+
+
+def update_readme(path, tables_md: str, block: str | None = None) -> None:
+    """Replace a generated block of a README with `tables_md` (headings one level down, two in a named
+    block), so its tables are never typed by hand."""
+    start, end = markers(block)
     text = Path(path).read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"--readme: {path} has no '{START}' ... '{END}' block")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    Path(path).write_text(f"{head}{START}\n{readme_block(tables_md)}\n{END}{tail}")
+    if start not in text or end not in text:
+        raise SystemExit(f"--readme: {path} has no '{start}' ... '{end}' block")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    Path(path).write_text(f"{head}{start}\n{readme_block(tables_md, 1 if block is None else 2)}\n{end}{tail}")
 
 
-def readme_block(tables_md: str) -> str:
+def readme_block(tables_md: str, levels: int = 1) -> str:
     """The README's generated block for `tables_md`: it sits under a section of its own, so its table
-    headings go one level down."""
-    return "\n".join("#" + line if line.startswith("#") else line for line in tables_md.strip().splitlines())
+    headings go `levels` levels down."""
+    return "\n".join("#" * levels + line if line.startswith("#") else line
+                     for line in tables_md.strip().splitlines())
 
 
-def readme_tables(path) -> str:
+def readme_tables(path, block: str | None = None) -> str:
     """The generated block currently in a README."""
-    return Path(path).read_text().split(START, 1)[1].split(END, 1)[0].strip()
+    start, end = markers(block)
+    return Path(path).read_text().split(start, 1)[1].split(end, 1)[0].strip()
 
 
 if __name__ == "__main__":

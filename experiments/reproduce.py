@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--status", action="store_true",
                    help="only print, per table, which jobs are complete in --records and which are missing")
     p.add_argument("--readme", metavar="PATH", help="also rewrite the generated tables block of this Markdown file")
+    p.add_argument("--block", metavar="NAME", help="with --readme: the named block (see experiments.report)")
     p.add_argument("--rerun", action="store_true",
                    help="rerun every job (default: skip_done=true, jobs already complete in --records are not rerun)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
             print(f"{table}: exit {rc} after {(time.time() - t0) / 60:.1f} min", flush=True)
             if rc != 0:
                 return rc
-    report(["--records", str(records), "--out", str(out), *(["--readme", args.readme] if args.readme else [])])
+    report(["--records", str(records), "--out", str(out), *(["--readme", args.readme] if args.readme else []),
+            *(["--block", args.block] if args.block else [])])
     return 0
 
 

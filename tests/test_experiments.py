@@ -269,6 +269,20 @@ def test_readme_block_is_replaced_by_generated_tables(tmp_path):
     assert text.startswith("# title") and text.endswith("after\n")
 
 
+def test_a_named_readme_block_is_replaced_alone(tmp_path):
+    from experiments.report import END, START, markers, update_readme
+
+    start, end = markers("real")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\ntestbed\n{END}\n### Real\n{start}\nold\n{end}\nafter\n")
+    update_readme(readme, "## Table\n\n| generated |\n", "real")
+    text = readme.read_text()
+    assert "old" not in text and "#### Table\n\n| generated |" in text  # two levels down, under a ### section
+    assert f"{START}\ntestbed\n{END}" in text and text.endswith("after\n")
+    with pytest.raises(SystemExit, match="other"):
+        update_readme(readme, "x", "other")
+
+
 def test_allocation_diagnostic_runs_and_respects_the_selections(shared, tmp_path):
     from experiments.diagnose_allocation import main as diagnose
 
@@ -409,6 +423,10 @@ def test_readme_tables_are_the_committed_records_output():
     assert readme_tables(ROOT / "README.md") == expected, (
         "README tables differ from the records: python -m experiments.report --records results/testbed.jsonl "
         "--out reports/testbed --readme README.md")
+    smollm2 = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "smollm2.jsonl"))), 2)
+    assert readme_tables(ROOT / "README.md", "smollm2") == smollm2, (
+        "README SmolLM2 tables differ from the records: python -m experiments.report --records "
+        "results/smollm2.jsonl --out reports/smollm2 --readme README.md --block smollm2")
 
 
 def test_layerwise_records_from_before_curvature_kind_none_still_count(tmp_path):
