@@ -344,8 +344,9 @@ def _check_device_map(cfg: DictConfig) -> None:
             raise ConfigError("model.max_memory is read only with model.device_map; set model.device_map=auto, "
                               "or model.max_memory=null")
         return
-    shown = f"model.device_map={OmegaConf.to_container(device_map) if isinstance(device_map, DictConfig) else device_map}"
-    if isinstance(device_map, DictConfig):
+    mapping = isinstance(device_map, DictConfig)
+    shown = f"model.device_map={OmegaConf.to_container(device_map) if mapping else device_map}"
+    if mapping:
         if not len(device_map):
             raise ConfigError(f"{shown} is empty; map module names to devices, e.g. {{'': 0}}")
         for name, where in device_map.items():
@@ -385,7 +386,7 @@ def _check_placed_device(where: str, device) -> None:
     if gpu is None and text != "cpu":
         raise ConfigError(f"{where} {device!r} is not a device; use a GPU index (0), cuda:N or cpu")
     if gpu is not None and gpu >= torch.cuda.device_count():
-        raise ConfigError(f"{where} {device!r} but this machine has {torch.cuda.device_count()} GPUs; "
+        raise ConfigError(f"{where} {device!r} is GPU {gpu}, but this machine has {torch.cuda.device_count()}; "
                           "use cpu or an existing GPU")
 
 

@@ -26,7 +26,8 @@ def load_tokenizer(cfg):
 
 def placement(cfg) -> dict:
     """`from_pretrained`'s `device_map` and `max_memory` from `model.device_map` and `model.max_memory`; {} without
-    a device map. A GPU given as a number (`0`, also "0" from the command line) is passed as the int accelerate wants."""
+    a device map. A GPU given as a number (`0`, also "0" from the command line) is passed as the int accelerate
+    wants."""
     from omegaconf import DictConfig, OmegaConf
 
     device_map = cfg.model.get("device_map")
