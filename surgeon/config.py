@@ -231,6 +231,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
     _check_settings(cfg)
     _check_distributed(cfg)
+    _check_device_map(cfg)
     if not str(cfg.device) == "auto" and not str(cfg.device).startswith(("cpu", "cuda")):
         raise ConfigError(f"device={cfg.device!r}; valid values: auto, cpu, cuda, cuda:N")
     if str(cfg.device).startswith("cuda"):
@@ -331,6 +332,64 @@ def _check_distributed(cfg: DictConfig) -> None:
                           f"calibration batches, fewer than the {world} processes; lower calib.batch_size")
 
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def _check_device_map(cfg: DictConfig) -> None:
+    """model.device_map (accelerate's placement of one model over several GPUs, in one process) and
+    model.max_memory; refused with what the placement does not support."""
+    device_map, max_memory = cfg.model.get("device_map"), cfg.model.get("max_memory")
+    if device_map is None:
+        if max_memory is not None:
+            raise ConfigError("model.max_memory is read only with model.device_map; set model.device_map=auto, "
+                              "or model.max_memory=null")
+        return
+    mapping = isinstance(device_map, DictConfig)
+    shown = f"model.device_map={OmegaConf.to_container(device_map) if mapping else device_map}"
+    if mapping:
+        if not len(device_map):
+            raise ConfigError(f"{shown} is empty; map module names to devices, e.g. {{'': 0}}")
+        for name, where in device_map.items():
+            _check_placed_device(f"model.device_map: {name!r} ->", where)
+    elif device_map not in DEVICE_MAPS:
+        raise ConfigError(f"model.device_map={device_map!r} is not valid; valid values: null, "
+                          f"{', '.join(DEVICE_MAPS)}, or a mapping module name -> device")
+    if max_memory is not None:
+        from accelerate.utils import convert_file_size_to_int
+
+        if not isinstance(max_memory, DictConfig) or not len(max_memory):
+            raise ConfigError(f"model.max_memory={max_memory!r} must map devices to sizes, e.g. {{0: 20GiB, 1: 20GiB}}")
+        for where, size in max_memory.items():
+            _check_placed_device("model.max_memory:", where)
+            try:
+                convert_file_size_to_int(size)
+            except ValueError:
+                raise ConfigError(f"model.max_memory: {where}: {size!r} is not a size; use e.g. 20GiB") from None
+    from .distributed import env_world_size
+
+    world = env_world_size()
+    clash = ((world > 1, f"torchrun or srun (WORLD_SIZE={world}): a device map is one process; run python run.py"),
+             (cfg.lora.enabled, "lora.enabled=true; set lora.enabled=false"),
+             (cfg.curvature.offload == "cpu", "curvature.offload=cpu; set curvature.offload=none"),
+             (bool(cfg.compact), f"compact={str(cfg.compact).lower()}; set compact=false"))
+    for refused, why in clash:
+        if refused:
+            raise ConfigError(f"{shown} does not work with {why}, or model.device_map=null")
+
+
+def _check_placed_device(where: str, device) -> None:
+    """A device of model.device_map or model.max_memory: a GPU index, cuda:N or cpu (the GPU must exist)."""
+    import torch
+
+    text = str(device)
+    gpu = int(text) if text.isdigit() else int(text[5:]) if text.startswith("cuda:") and text[5:].isdigit() else None
+    if gpu is None and text != "cpu":
+        raise ConfigError(f"{where} {device!r} is not a device; use a GPU index (0), cuda:N or cpu")
+    if gpu is not None and gpu >= torch.cuda.device_count():
+        raise ConfigError(f"{where} {device!r} is GPU {gpu}, but this machine has {torch.cuda.device_count()}; "
+                          "use cpu or an existing GPU")
+
+
 def _flat_keys(node, prefix: str = "") -> set[str]:
     if not isinstance(node, DictConfig):
         return set()
@@ -353,16 +412,27 @@ def _check_lm_eval_tasks(cfg: DictConfig) -> None:
 
 def check_memory(cfg: DictConfig) -> None:
     """Refuse, in one line with the numbers and settings that would fit, a run whose estimated peak memory
-    (surgeon.memory, from the model's config: nothing is loaded) exceeds the device's memory."""
+    (surgeon.memory, from the model's config: nothing is loaded) exceeds the device's memory, or with
+    model.device_map the sum of its devices' memory (or of model.max_memory)."""
     from . import memory
+    from .models import placement
 
-    device = resolve_device(cfg.device)
-    have = memory.available_bytes(device)
-    if have is None:
-        return
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
-    room = f"{device} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1 else "")
+    place = placement(cfg)
+    if place:  # a device map: the estimate against the memory of all its devices together
+        have, devices = memory.placement_bytes(place["device_map"], place.get("max_memory"))
+        if have is None:
+            return
+        source = "model.max_memory gives" if "max_memory" in place else "together have"
+        room = f"the device map's devices ({', '.join(map(str, devices))}) {source} {have / 2**30:.1f} GiB"
+    else:
+        devices = [resolve_device(cfg.device)]
+        have = memory.available_bytes(devices[0])
+        if have is None:
+            return
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if devices[0].type == "cpu" else 1
+        have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
+        room = f"{devices[0]} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1
+                                                             else "")
     config = _model_config(cfg)
     if config is None:  # no config to read (a hub model not cached yet): the preset's parameter count
         params = cfg.model.get("params")
@@ -376,10 +446,10 @@ def check_memory(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if positions and value > positions:
             raise ConfigError(f"{key}={value} is longer than the model's max_position_embeddings={positions}")
-    settings = {**run_settings(cfg), "runtime": memory.RUNTIME.get(device.type, 0)}
+    settings = {**run_settings(cfg), "runtime": sum(memory.RUNTIME.get(d.type, 0) for d in devices)}
     need = memory.estimate(config, **settings)
     if need.peak > have:
-        hints = memory.fix_hints(config, need, have, **settings)
+        hints = memory.fix_hints(config, need, have, offload_ok=not place, **settings)
         raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {room}; "
                           f"try {' or '.join(hints)}")
 

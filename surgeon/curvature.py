@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from surgeon.adapters import PrunableLayer
+from surgeon.models import input_device
 
 FISHERS = ("empirical", "sampled")
 KINDS = ("kfac", "diag_a", "identity")
@@ -99,7 +100,7 @@ class _LayerStats:
         self.layer = layer
         self.dtype = dtype
         self.accumulate = accumulate or dtype  # dtype of the sums; each batch's products are in `dtype`
-        self.store = store  # where the sums live: the model's device, or the host (curvature.offload=cpu)
+        self.store = store  # where the sums live: the layer's device, or the host (curvature.offload=cpu)
         self.bias = layer.module.bias is not None
         self.n = 0  # tokens seen in the current pass
         self.A: Tensor | None = None
@@ -194,7 +195,7 @@ def estimate_curvature(
     the residual per-token Fisher, by alternating power iteration: the first G2 half-step,
     from a seeded random symmetric A2, rides along the KFAC pass, then `rank2_iters` more
     passes over `batches` each make one half-step (A2, G2, A2, ...). Factors are float64 for a float64 model,
-    float32 otherwise, on the model's device (`offload="cpu"`: summed in host memory, each batch's
+    float32 otherwise, on the device of their layer's weight (`offload="cpu"`: summed in host memory, each batch's
     product computed on the device and added on the host); `precision` is that of the passes' matmuls ("fp32"; "tf32": TF32 on
     CUDA; "bf16": autocast), the statistics are accumulated in float32 whatever it is. `accumulate="float64"` sums
     each batch's float32 products in float64, exactly in practice, so the sums do not depend on how the batches are
@@ -223,31 +224,33 @@ def estimate_curvature(
     if not batches and kind != "identity":
         raise ValueError("estimate_curvature needs at least one calibration batch")
 
-    param = next(model.parameters())
-    device = param.device
-    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    # statistics live on their layer's weight's device (several under a device map), token ids go to the embeddings'
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    device = input_device(model)
     store = torch.device("cpu") if offload == "cpu" else None
     sums = torch.float64 if accumulate == "float64" else dtype
     stats = {layer.name: _LayerStats(layer, dtype, store, sums) for layer in layers}
     finish = lambda *names: _finish_pass(stats, names, sum_, dtype, device)  # noqa: E731
 
-    ones = lambda n: torch.ones(n, dtype=dtype, device=device)  # noqa: E731 - the diagonal of I
+    ones = lambda n, s: torch.ones(n, dtype=dtype, device=s.layer.module.weight.device)  # noqa: E731 - diagonal of I
     if kind == "identity":
-        return {s.layer.name: Factors(A=ones(s.layer.module.in_features + s.bias), G=ones(s.layer.module.out_features))
-                for s in stats.values()}
+        return {s.layer.name: Factors(A=ones(s.layer.module.in_features + s.bias, s),
+                                      G=ones(s.layer.module.out_features, s)) for s in stats.values()}
 
     _share_inputs(model, stats, batches[0].to(device))
     if kind == "diag_a":
         _run_pass(model, stats, batches, "diag", fisher, seed, device, progress, precision)
         finish("A")
         _alias_shared(stats, lambda s: s.A / s.n)
-        return {name: Factors(A=s.A, G=ones(s.layer.module.out_features)) for name, s in stats.items()}
+        return {name: Factors(A=s.A, G=ones(s.layer.module.out_features, s)) for name, s in stats.items()}
 
     if rank == 2:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generators = {}  # one seeded stream per device: on one device the same draws as ever
         for s in stats.values():
-            C = s.layer.module.in_features + s.bias
-            X = torch.randn(C, C, generator=generator, device=device, dtype=dtype)
+            C, where = s.layer.module.in_features + s.bias, s.layer.module.weight.device
+            if where not in generators:
+                generators[where] = torch.Generator(device=where).manual_seed(seed)
+            X = torch.randn(C, C, generator=generators[where], device=where, dtype=dtype)
             s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
     _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress, precision)
     finish("A", "G", "S")
@@ -400,8 +403,8 @@ def _run_pass(
             # parameters are frozen and gradients start at the embedding output, so the
             # backward reaches every layer output without computing any weight gradient
             handles.append(model.get_input_embeddings().register_forward_hook(embedding_leaf))
-        # re-seeded every pass: every rank-2 pass must see the same sampled labels
-        generator = torch.Generator(device=device).manual_seed(seed)
+        # re-seeded every pass: every rank-2 pass must see the same sampled labels (drawn where the logits are)
+        generator = None
         for input_ids in tqdm(batches, desc=f"curvature ({mode})", disable=not progress):
             input_ids = input_ids.to(device)
             if mode == "diag":
@@ -411,8 +414,9 @@ def _run_pass(
             leaves.clear()
             with forward_precision(precision, device):  # the backward follows the forward's dtypes
                 logits = model(input_ids=input_ids, use_cache=False).logits
-            targets = input_ids[:, 1:]
+            targets = input_ids[:, 1:].to(logits.device)
             if fisher == "sampled":
+                generator = generator or torch.Generator(device=logits.device).manual_seed(seed)
                 scores = logits[:, :-1].detach().to(torch.promote_types(logits.dtype, torch.float32))
                 probs = torch.softmax(scores, dim=-1).reshape(-1, logits.shape[-1])
                 targets = torch.multinomial(probs, 1, generator=generator).reshape(targets.shape)

@@ -178,13 +178,33 @@ def available_bytes(device: torch.device) -> int | None:
     return have
 
 
-def fix_hints(config, need: Estimate, have: int, **settings) -> list[str]:
-    """The fewest changes (a smaller calibration micro-batch, bfloat16 weights, both) that make the same estimate
-    fit, each as command-line overrides; or a larger device."""
+def placement_bytes(device_map, max_memory: dict | None = None) -> tuple[int | None, list[torch.device]]:
+    """Memory a device map may use, and its devices: the sum of `max_memory` when given, else of the devices a
+    mapping names, else (auto, balanced, sequential) of every GPU, or the host without one. The estimate is
+    compared with this sum: a device map splits the model by blocks, so a single device may still run short."""
+    if max_memory:
+        from accelerate.utils import convert_file_size_to_int
+
+        names = [str(k) for k in max_memory if str(k) != "disk"]
+        have = sum(convert_file_size_to_int(v) for k, v in max_memory.items() if str(k) != "disk")
+    else:
+        names = sorted({str(v) for v in device_map.values()}) if isinstance(device_map, dict) else \
+            [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
+        have = None
+    devices = [torch.device("cuda", int(n)) if n.isdigit() else torch.device(n) for n in names]
+    if have is None:
+        sizes = [available_bytes(device) for device in devices]
+        have = None if None in sizes else sum(sizes)
+    return have, devices
+
+
+def fix_hints(config, need: Estimate, have: int, offload_ok: bool = True, **settings) -> list[str]:
+    """The fewest changes (a smaller calibration micro-batch, bfloat16 weights, both; `curvature.offload=cpu`
+    unless not `offload_ok`) that make the same estimate fit, each as command-line overrides; or a larger device."""
     B, dtype = settings.get("calib_batch", 8), settings.get("dtype", "float32")
     batches = sorted({b for b in (B, B // 2, B // 4, 1) if b >= 1}, reverse=True)
     dtypes = [dtype] + (["bfloat16"] if dtype in ("float32", "float64") else [])
-    offloads = [settings.get("offload", False)] + ([True] if settings.get("rank", 1) == 1 else [])
+    offloads = [settings.get("offload", False)] + ([True] if settings.get("rank", 1) == 1 and offload_ok else [])
     options = []
     for d in dtypes:
         for b in batches:

@@ -1,5 +1,6 @@
 """Loading a causal LM and its tokenizer: a local path, a Hugging Face hub name, or a GGUF file inside an
-installed Python package (`model.name_or_path=pkg:NAME`, `model.gguf_file=FILE`)."""
+installed Python package (`model.name_or_path=pkg:NAME`, `model.gguf_file=FILE`); on one device, or placed over
+several by accelerate's device map (`model.device_map`, README "Several GPUs and machines")."""
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,62 @@ def load_tokenizer(cfg):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
+def placement(cfg) -> dict:
+    """`from_pretrained`'s `device_map` and `max_memory` from `model.device_map` and `model.max_memory`; {} without
+    a device map. A GPU given as a number (`0`, also "0" from the command line) is passed as the int accelerate
+    wants."""
+    from omegaconf import DictConfig, OmegaConf
+
+    device_map = cfg.model.get("device_map")
+    if device_map is None:
+        return {}
+    if isinstance(device_map, DictConfig):
+        device_map = {str(k): device_key(v) for k, v in OmegaConf.to_container(device_map).items()}
+    kwargs = {"device_map": device_map}
+    if cfg.model.get("max_memory") is not None:
+        kwargs["max_memory"] = {device_key(k): v for k, v in OmegaConf.to_container(cfg.model.max_memory).items()}
+    return kwargs
+
+
+def device_key(value) -> int | str:
+    """A device as accelerate names it: a GPU index as int, else the string (`cpu`, `cuda:1`)."""
+    return int(value) if str(value).isdigit() else str(value)
+
+
+def check_placement(device_map: dict) -> None:
+    """Refuse what accelerate offloads: modules on `disk`, or on `cpu` next to GPUs, keep their weights elsewhere
+    and copy them in for each forward, so pruning could not edit them in place."""
+    from .config import ConfigError
+
+    places = {str(v) for v in device_map.values()}
+    offloaded = sorted(p for p in places if p == "disk" or (p == "cpu" and places != {"cpu"}))
+    if offloaded:
+        raise ConfigError(f"model.device_map placed modules on {' and '.join(offloaded)} (offloaded: weights copied "
+                          "in per forward, which pruning cannot edit); give the GPUs more room in model.max_memory, "
+                          "or use more or larger GPUs")
+
+
+def placed(model) -> dict[str, str]:
+    """Module name -> device, as placed: accelerate's map when it spread the model over several devices, else
+    {"": the one device} (transformers sets `hf_device_map` only then)."""
+    spread = getattr(model, "hf_device_map", None)
+    return {name: str(where) for name, where in spread.items()} if spread else {"": str(devices(model)[0])}
+
+
+def input_device(model) -> torch.device:
+    """Where token ids go: the input embeddings' device (under a device map the first block's GPU)."""
+    return model.get_input_embeddings().weight.device
+
+
+def devices(model) -> list[torch.device]:
+    """The devices holding the model's parameters (one without a device map)."""
+    return sorted({p.device for p in model.parameters()}, key=str)
+
+
 def load_model(cfg, device: torch.device):
-    """Model in `model.dtype` (float32 for curvature) on `device`, in eval mode. A GGUF file is de-quantized into
-    plain `nn.Linear` weights, and the model no longer claims to be quantized (see `drop_gguf_quantization`)."""
+    """Model in `model.dtype` (float32 for curvature) on `device` in eval mode, or placed by `model.device_map`
+    (`placement`; then `device` is unused). A GGUF file is de-quantized into plain `nn.Linear` weights, and the
+    model no longer claims to be quantized (see `drop_gguf_quantization`)."""
     from transformers import AutoModelForCausalLM
 
     path, kwargs = _source(cfg)
@@ -36,10 +90,14 @@ def load_model(cfg, device: torch.device):
         # supported architectures packed); transformers then also drops its quantizer after loading
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     # attention through scaled_dot_product_attention (its memory-efficient kernels on CUDA)
+    place = placement(cfg)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
-                                                 **kwargs)
+                                                 **kwargs, **place)
     drop_gguf_quantization(model)
     model.config.use_cache = False
+    if place:
+        check_placement(placed(model))
+        return model.eval()
     return model.to(device).eval()
 
 

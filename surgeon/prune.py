@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, models
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .config import LAYERWISE_METHODS, PROJECT_ROOT
 from .curvature import estimate_curvature
@@ -92,7 +92,8 @@ class ShotOptions:
 
 @dataclass
 class PruneState:
-    """What has been removed so far: element masks (R, Cw) for every layer; rows/columns when structured."""
+    """What has been removed so far: element masks (R, Cw) for every layer; rows/columns when structured. Each
+    layer's masks live on its weight's device."""
 
     removed: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -115,8 +116,10 @@ class PruneState:
                 "cols": {k: v.cpu() for k, v in self.cols.items()}}
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device) -> "PruneState":
-        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    def from_state_dict(cls, sd: dict, layers: list[PrunableLayer]) -> "PruneState":
+        """Masks saved on the host (`state_dict`), each back on its layer's device."""
+        where = {layer.name: layer.module.weight.device for layer in layers}
+        move = lambda d: {k: v.to(where[k]) for k, v in d.items()}  # noqa: E731
         return cls(move(sd["removed"]), move(sd["rows"]), move(sd["cols"]))
 
 
@@ -181,9 +184,11 @@ def _scorer(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS | LayerOBD:
     return _solver(layer, f, opts)
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(devices: list[torch.device]) -> None:
+    """Wait for every GPU the model is on, so that a phase's seconds are its own."""
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
@@ -192,7 +197,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
     Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none."""
-    device = next(model.parameters()).device
+    devices = models.devices(model)
     if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
 
@@ -202,7 +207,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             model, layers, batches, method=opts.method, sparsity=target, n=n, m=m, removed=state.removed,
             blocksize=opts.blocksize, percdamp=opts.percdamp, progress=progress))
         apply_masks(layers, state)
-        _sync(device)
+        _sync(devices)
         return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}, {}
 
     # Several processes (surgeon.distributed): each sums the statistics of its share of the batches, and costs and
@@ -218,7 +223,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                                  sum_=distributed.sum_ if distributed.active() else None)
     for name in [name for name in factors if owner[name] != rank]:
         del factors[name]  # every rank has all factors; it keeps those of the layers it solves
-    _sync(device)
+    _sync(devices)
     seconds["curvature"] = time.perf_counter() - t0
 
     # Costs layer by layer: each layer's solver lives only while its costs are computed, so the shot never
@@ -244,7 +249,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     if opts.structure == "structured":
         # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
         keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
-        costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, device)
+        costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
         row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
         col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
         rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
@@ -268,7 +273,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
             state.removed[layer.name] = mask.bool()
     del costs
-    _sync(device)
+    _sync(devices)
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -303,7 +308,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                     distributed.broadcast(tensor.data, owner[layer.name])
         solves = _in_layer_order(layers, distributed.gather_objects(solves))
     apply_masks(layers, state)
-    _sync(device)
+    _sync(devices)
     seconds["update"] = time.perf_counter() - t0
     return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value}
 

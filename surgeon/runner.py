@@ -39,10 +39,19 @@ CHECKPOINT = "checkpoint.pt"
 RECORD = "record.json"
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def _peak_memory_mb(devices: list[torch.device]) -> float:
+    """CUDA peak, summed over the GPUs of a device map (an upper bound of their peak together), or on CPU the
+    process's peak RSS."""
+    gpus = [device for device in devices if device.type == "cuda"]
+    if gpus:
+        return sum(torch.cuda.max_memory_allocated(device) for device in gpus) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def _reset_peaks(devices: list[torch.device]) -> None:
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -241,6 +250,7 @@ class Job:
     layers: list = None
     state: PruneState = None
     start: int = 1      # the first shot still to run
+    devices: list = None  # where the model is: [device], or the GPUs of a device map
 
     @property
     def main(self) -> bool:
@@ -269,19 +279,21 @@ def _prepare(job: Job, ckpt: dict | None) -> Job:
     cfg, record = job.cfg, job.record
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if job.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(job.device)
+    _reset_peaks([job.device])
     job.model = models.load_model(cfg, job.device)
+    job.devices = models.devices(job.model)
     job.layers = adapter_for(job.model.config.model_type).layers(job.model)
     record["protocol"]["eval"]["windows"] = job.data.eval_windows.shape[0]
     record["protocol"]["prunable_params"] = prunable_parameter_count(job.layers)
     record["layers"] = [{"name": l.name, "type": l.type, "block": l.block, "shape": list(l.shape), "sparsity": 0.0}
                         for l in job.layers]
+    if cfg.model.get("device_map") is not None:  # where accelerate put each module (per block, typically)
+        record["device_map"] = models.placed(job.model)
     if ckpt:
         with torch.no_grad():
             for layer in job.layers:
                 layer.module.load_state_dict(ckpt["weights"][layer.name])
-        job.state = PruneState.from_state_dict(ckpt["state"], job.device)
+        job.state = PruneState.from_state_dict(ckpt["state"], job.layers)
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -305,8 +317,7 @@ def _prepare(job: Job, ckpt: dict | None) -> Job:
 def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     """One shot (prune.prune_shot), LoRA, evaluation when due; the record and checkpoint written after it."""
     cfg, layers = job.cfg, job.layers
-    if job.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(job.device)
+    _reset_peaks(job.devices)
     check_finite(layers, f"before shot {shot}")
     seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
                                       seed=cfg.seed + shot, progress=job.main)
@@ -320,7 +331,7 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     t0 = time.perf_counter()
     point["ppl"] = job.ppl() if evaluate else None
     seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
-    point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(job.device),
+    point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(job.devices),
                  layer_sparsity=layer_sparsity(layers))
     add_point(job.record, point)
     job.write()
