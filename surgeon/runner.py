@@ -333,6 +333,8 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
     point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(job.devices),
                  layer_sparsity=layer_sparsity(layers))
+    if distributed.active():  # `seconds` and the peak are rank 0's; every rank's, in rank order (load balance)
+        point["ranks"] = distributed.gather_objects({"seconds": seconds, "peak_memory_mb": point["peak_memory_mb"]})
     add_point(job.record, point)
     job.write()
     _save_checkpoint(job.run_dir / CHECKPOINT, layers, job.state, shot, job.record)

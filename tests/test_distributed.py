@@ -306,6 +306,10 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
         assert two["compact"]["ppl"] == pytest.approx(one["compact"]["ppl"], rel=1e-6)
     if "logger=wandb" in overrides:
         assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
+    for point in two["points"]:  # every rank's phase seconds and peak, in rank order; none in one process
+        assert len(point["ranks"]) == 2 and point["ranks"][0]["seconds"] == point["seconds"]
+        assert all(set(r["seconds"]) == set(point["seconds"]) and r["peak_memory_mb"] > 0 for r in point["ranks"])
+    assert all("ranks" not in point for point in one["points"])
     if structure in ("unstructured", "semistructured"):  # both ranks' joint solves reach the record, in layer order
         assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
     # one record, one line in the results, written by rank 0
