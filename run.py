@@ -82,7 +82,8 @@ def main(cfg: DictConfig) -> float | None:
               f"{resume_command(run_dir)}", file=sys.stderr)
         raise
     finally:
-        distributed.close()
+        if HydraConfig.get().mode.name != "MULTIRUN":
+            distributed.close()  # a sweep's jobs share the process group: it closes when the process exits
     return record["final_ppl"]  # the objective for hydra-optuna-sweeper
 
 

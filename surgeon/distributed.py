@@ -16,6 +16,7 @@ stops the other ranks, whose own error (a closed connection, a timeout, SIGTERM)
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 from datetime import timedelta
@@ -69,6 +70,9 @@ def init(device: torch.device, timeout_s: float) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     signal.signal(signal.SIGTERM, _stop)
+    # joined once per process: the jobs of a `-m` sweep under torchrun reuse the group (a second
+    # init_process_group on torchrun's store would wait on the first one's keys for ever)
+    atexit.register(close)
     return True
 
 

@@ -318,6 +318,22 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
 
 
 @pytest.mark.slow
+def test_a_sweep_under_torchrun_runs_every_job_over_both_processes(tmp_path, shared):
+    """`torchrun ... run.py -m a=x,y`: the jobs share one process group (joined once per process); before, the
+    second job's init_process_group waited for ever on torchrun's store."""
+    overrides = ["-m", *SMALL, "shots=1", "structure=structured", "target=0.2,0.3", f"results={tmp_path}/r.jsonl",
+                 f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(_free_port()), "tests/torchrun_entry.py", *overrides], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["processes"], r["protocol"]["target"]) for r in records] == [
+        ("complete", 2, 0.2), ("complete", 2, 0.3)]
+    assert records[0]["final_ppl"] < records[1]["final_ppl"]
+
+
+@pytest.mark.slow
 def test_failing_rank_stops_all_ranks_and_the_run_resumes(tmp_path, shared):
     """Rank 1 fails in shot 2: torchrun ends promptly with an error, rank 0's record names rank 1's error and
     the checkpoint holds shot 1; resuming under torchrun finishes the run as one process does."""
