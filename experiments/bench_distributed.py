@@ -69,8 +69,9 @@ def main(argv=None):
     rows = []
     print(f"One shot of {args.model}, {args.n} x {args.seq_len} calibration tokens (batches of {args.batch_size}), "
           f"on {args.device}; seconds per phase from the records, speed-up over the first row (in this run)\n")
-    print("| structure | setting | curvature (s) | costs (s) | update (s) | shot (s) | speed-up | same masks |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| structure | setting | curvature (s) | costs (s) | update (s) | shot (s) | speed-up | same masks "
+          "| own updates per rank (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for structure in args.structures:
             target = args.target or (0.3 if structure == "structured" else 0.5)
@@ -85,12 +86,17 @@ def main(argv=None):
                 shot = sum(seconds[k] for k in PHASES)
                 base = base or (shot, out["masks"])
                 same = all(torch.equal(m, base[1][name]) for name, m in out["masks"].items())
+                # every rank's updates of its own layers, before it waits for the others': how evenly they were divided
+                point = out["record"]["points"][0]
+                ranks = [r["own_update_s"] for r in point["ranks"]] if "ranks" in point else [seconds["update"]]
                 row = {"model": args.model, "structure": structure, "setting": label, "procs": procs,
                        "threads": threads, "device": args.device, **{k: seconds[k] for k in PHASES}, "shot": shot,
-                       "speedup": base[0] / shot, "same_masks": same, "calib": [args.n, args.seq_len, args.batch_size]}
+                       "speedup": base[0] / shot, "same_masks": same, "rank_update": ranks,
+                       "calib": [args.n, args.seq_len, args.batch_size]}
                 rows.append(row)
                 print(f"| {structure} | {label} | " + " | ".join(f"{seconds[k]:.1f}" for k in PHASES)
-                      + f" | {shot:.1f} | {row['speedup']:.2f}x | {'yes' if same else 'NO'} |", flush=True)
+                      + f" | {shot:.1f} | {row['speedup']:.2f}x | {'yes' if same else 'NO'} | "
+                      + " / ".join(f"{t:.1f}" for t in ranks) + " |", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:

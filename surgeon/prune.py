@@ -196,7 +196,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                progress: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
     """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
-    Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none."""
+    Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none. Over several
+    processes also `own_update_s`: this rank's update phase before it waits for the others' weights."""
     devices = models.devices(model)
     if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
@@ -301,6 +302,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             solves[name] = info.as_dict()
         set_weight_with_bias(layer.module, W)
         del solver, W
+    _sync(devices)
+    own = {"own_update_s": time.perf_counter() - t0} if distributed.active() else {}  # before waiting on the others
     if not obd and distributed.active():
         for layer in layers:  # every rank holds the same model after the shot
             for tensor in (layer.module.weight, layer.module.bias):
@@ -310,7 +313,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     apply_masks(layers, state)
     _sync(devices)
     seconds["update"] = time.perf_counter() - t0
-    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value}
+    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value} | own
 
 
 def _work(layer: PrunableLayer) -> float:

@@ -321,6 +321,7 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     check_finite(layers, f"before shot {shot}")
     seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
                                       seed=cfg.seed + shot, progress=job.main)
+    own_update_s = solver_info.pop("own_update_s", None)
     point = {"shot": shot, "target": target, **solver_info}
     if cfg.lora.enabled:
         t0 = time.perf_counter()
@@ -333,8 +334,10 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     seconds["eval"] = time.perf_counter() - t0 if evaluate else 0.0
     point.update(sparsity=overall_sparsity(layers), seconds=seconds, peak_memory_mb=_peak_memory_mb(job.devices),
                  layer_sparsity=layer_sparsity(layers))
-    if distributed.active():  # `seconds` and the peak are rank 0's; every rank's, in rank order (load balance)
-        point["ranks"] = distributed.gather_objects({"seconds": seconds, "peak_memory_mb": point["peak_memory_mb"]})
+    if distributed.active():  # `seconds` and the peak are rank 0's; every rank's, in rank order, and the seconds
+        # of its own layers' updates before it waited for the others' (the load balance)
+        point["ranks"] = distributed.gather_objects({"seconds": seconds, "own_update_s": own_update_s,
+                                                     "peak_memory_mb": point["peak_memory_mb"]})
     add_point(job.record, point)
     job.write()
     _save_checkpoint(job.run_dir / CHECKPOINT, layers, job.state, shot, job.record)

@@ -308,7 +308,8 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
         assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
     for point in two["points"]:  # every rank's phase seconds and peak, in rank order; none in one process
         assert len(point["ranks"]) == 2 and point["ranks"][0]["seconds"] == point["seconds"]
-        assert all(set(r["seconds"]) == set(point["seconds"]) and r["peak_memory_mb"] > 0 for r in point["ranks"])
+        assert all(set(r["seconds"]) == set(point["seconds"]) and r["peak_memory_mb"] > 0
+                   and 0 < r["own_update_s"] <= r["seconds"]["update"] for r in point["ranks"])
     assert all("ranks" not in point for point in one["points"])
     if structure in ("unstructured", "semistructured"):  # both ranks' joint solves reach the record, in layer order
         assert list(two["points"][-1]["solves"]) == list(one["points"][-1]["solves"])
