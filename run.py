@@ -81,9 +81,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"failed (record in {run_dir / 'record.json'}); after fixing the cause, resume with: "
               f"{resume_command(run_dir)}", file=sys.stderr)
         raise
-    finally:
-        if HydraConfig.get().mode.name != "MULTIRUN":
-            distributed.close()  # a sweep's jobs share the process group: it closes when the process exits
+    # the process group is joined once per process and closed when it exits (distributed.init): a sweep's jobs
+    # share it
     return record["final_ppl"]  # the objective for hydra-optuna-sweeper
 
 

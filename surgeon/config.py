@@ -381,10 +381,15 @@ def _check_placed_device(where: str, device) -> None:
     """A device of model.device_map or model.max_memory: a GPU index, cuda:N or cpu (the GPU must exist)."""
     import torch
 
-    text = str(device)
-    gpu = int(text) if text.isdigit() else int(text[5:]) if text.startswith("cuda:") and text[5:].isdigit() else None
-    if gpu is None and text != "cpu":
+    from .models import as_device
+
+    try:
+        parsed = as_device(device)
+    except ValueError:
+        parsed = None
+    if parsed is None or (parsed.type == "cuda" and parsed.index is None):
         raise ConfigError(f"{where} {device!r} is not a device; use a GPU index (0), cuda:N or cpu")
+    gpu = parsed.index if parsed.type == "cuda" else None
     if gpu is not None and gpu >= torch.cuda.device_count():
         raise ConfigError(f"{where} {device!r} is GPU {gpu}, but this machine has {torch.cuda.device_count()}; "
                           "use cpu or an existing GPU")

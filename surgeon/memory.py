@@ -191,7 +191,9 @@ def placement_bytes(device_map, max_memory: dict | None = None) -> tuple[int | N
         names = sorted({str(v) for v in device_map.values()}) if isinstance(device_map, dict) else \
             [str(i) for i in range(torch.cuda.device_count())] or ["cpu"]
         have = None
-    devices = [torch.device("cuda", int(n)) if n.isdigit() else torch.device(n) for n in names]
+    from .models import as_device
+
+    devices = [as_device(n) for n in names]
     if have is None:
         sizes = [available_bytes(device) for device in devices]
         have = None if None in sizes else sum(sizes)

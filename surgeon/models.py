@@ -46,6 +46,18 @@ def device_key(value) -> int | str:
     return int(value) if str(value).isdigit() else str(value)
 
 
+def as_device(value) -> torch.device:
+    """A device of a placement (`0`, `cuda:1`, `cpu`) as torch's; ValueError for anything else."""
+    key = device_key(value)
+    try:
+        device = torch.device("cuda", key) if isinstance(key, int) else torch.device(key)
+    except RuntimeError:
+        raise ValueError(f"{value!r} is not a device") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{value!r} is not a device")
+    return device
+
+
 def check_placement(device_map: dict) -> None:
     """Refuse what accelerate offloads: modules on `disk`, or on `cpu` next to GPUs, keep their weights elsewhere
     and copy them in for each forward, so pruning could not edit them in place."""
