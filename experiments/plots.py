@@ -30,6 +30,7 @@ def _save(figure, path) -> Path:
 
 
 STRUCTURE_ORDER = ("structured", "unstructured", "semistructured")
+MINOR_LABEL_SPAN = 100.0  # a log axis over at most this ratio labels its minor ticks too
 
 
 def _dense_ppls(records: list[dict]) -> dict[str, float]:
@@ -40,12 +41,19 @@ def _dense_ppls(records: list[dict]) -> dict[str, float]:
 
 def _perplexity_axis(ax, dense_ppl: float | None) -> None:
     """A log perplexity axis with plain tick numbers and the dense perplexity as a dotted line."""
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="black", linestyle=":", linewidth=1)
     ax.set_yscale("log")
-    for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-        axis_format(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # plain numbers, not 9x10^1, on a log axis
+
+    def minor_label(value: float, _position) -> str:
+        # minor ticks (2..9 x 10^k) are labelled only while the axis spans at most two decades;
+        # over more (magnitude pruning's 1e9 next to 40) their labels would overlap each other
+        low, high = ax.get_ylim()
+        return "%g" % value if high <= MINOR_LABEL_SPAN * low else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor_label))
     ax.tick_params(axis="y", which="minor", labelsize="x-small")
 
 

@@ -382,6 +382,26 @@ def test_size_figure_series_join_runs_of_one_method_across_targets():
     assert [p for _, p in series["structured"]["opt-tiny"]["LLM Surgeon"]] == [140.0, 116.0, 108.0]
 
 
+def test_perplexity_axis_labels_minor_ticks_only_over_at_most_two_decades():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from experiments.plots import _perplexity_axis
+
+    def minor_labels(low, high):
+        figure, ax = plt.subplots()
+        ax.plot([0, 1], [low, high])
+        _perplexity_axis(ax, dense_ppl=low)
+        figure.canvas.draw()
+        labels = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_visible()]
+        plt.close(figure)
+        return [text for text in labels if text]
+
+    assert {"50", "200"} <= set(minor_labels(40.0, 300.0))  # one decade: 2..9 x 10^k labelled
+    assert minor_labels(40.0, 1e9) == []  # magnitude's 1e9 next to a dense 40: decades only
+
+
 def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path, shared, capsys):
     from experiments import reproduce
     from surgeon.config import to_container
