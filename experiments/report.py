@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from experiments.plots import plot_allocation, plot_ppl_vs_shots, plot_ppl_vs_size
-from experiments.tables import by_measurement, build_tables, load_records, to_latex, to_markdown
+from experiments.tables import NO_RECORDS, by_measurement, build_tables, load_records, to_latex, to_markdown
 
 
 def write_report(records: list[dict], out, allocation_runs: list[str] | None = None) -> list[Path]:
@@ -110,9 +111,12 @@ def update_readme(path, tables_md: str, block: str | None = None) -> None:
 
 def readme_block(tables_md: str, levels: int = 1) -> str:
     """The README's generated block for `tables_md`: it sits under a section of its own, so its table
-    headings go `levels` levels down."""
+    headings go `levels` levels down; a table with no complete records is left out (a README shows what ran,
+    the report's tables.md keeps every table)."""
+    sections = re.split(r"(?m)^(?=## )", tables_md.strip())
+    kept = [s.strip() for s in sections if s.strip() and s.strip().splitlines()[-1] != NO_RECORDS]
     return "\n".join("#" * levels + line if line.startswith("#") else line
-                     for line in tables_md.strip().splitlines())
+                     for line in "\n\n".join(kept).splitlines())
 
 
 def readme_tables(path, block: str | None = None) -> str:

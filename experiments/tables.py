@@ -27,6 +27,7 @@ FINAL_TARGET = 0.5  # Table 3 (2:4)
 UNSTRUCTURED_TARGETS = (0.5, 0.7)  # Table 2 is at 50%; 70% shows where the methods part
 MISSING_MD = "—"
 MISSING_TEX = "--"
+NO_RECORDS = "No complete records."  # the body of a table with nothing to show
 
 # Protocol entries that place a run in a table (model, method, structure, target) or say how it was measured.
 # Every other protocol entry is a setting that tells two runs of the same method apart (a row label names those
@@ -390,7 +391,7 @@ def to_markdown(tables: dict) -> str:
     for table in tables.values():
         out += [f"## {table['title']}", ""]
         if not table["rows"]:
-            out += ["No complete records.", ""]
+            out += [NO_RECORDS, ""]
             continue
         out += [f"Protocol: {table['protocol']}", ""] + ([f"Run time: {table['time']}", ""] if table.get("time") else [])
         header = table["row_header"] + [_column_label(c) for c in table["columns"]]

@@ -283,6 +283,15 @@ def test_a_named_readme_block_is_replaced_alone(tmp_path):
         update_readme(readme, "x", "other")
 
 
+def test_a_readme_block_leaves_out_tables_without_records():
+    from experiments.report import readme_block
+
+    md = ("## Table 1\n\nProtocol: x\n\n| a |\n| --- |\n| 1 |\n\n## Table 2\n\nNo complete records.\n\n"
+          "## Table 3\n\n| b |\n")
+    assert readme_block(md, 2) == "#### Table 1\n\nProtocol: x\n\n| a |\n| --- |\n| 1 |\n\n#### Table 3\n\n| b |"
+    assert readme_block("## Table 2\n\nNo complete records.\n") == ""
+
+
 def test_allocation_diagnostic_runs_and_respects_the_selections(shared, tmp_path):
     from experiments.diagnose_allocation import main as diagnose
 
@@ -447,6 +456,10 @@ def test_readme_tables_are_the_committed_records_output():
     assert readme_tables(ROOT / "README.md", "smollm2") == smollm2, (
         "README SmolLM2 tables differ from the records: python -m experiments.report --records "
         "results/smollm2.jsonl --out reports/smollm2 --readme README.md --block smollm2")
+    damping = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "smollm2-diag.jsonl"))), 2)
+    assert readme_tables(ROOT / "README.md", "smollm2-damping") == damping, (
+        "README SmolLM2 damping tables differ from the records: python -m experiments.report --records "
+        "results/smollm2-diag.jsonl --out reports/smollm2-damping --readme README.md --block smollm2-damping")
 
 
 def test_layerwise_records_from_before_curvature_kind_none_still_count(tmp_path):
