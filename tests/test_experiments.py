@@ -443,23 +443,18 @@ def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path
     assert "unstructured70: 1/6 jobs complete" in printed and printed.count("missing:") == 5
 
 
-def test_readme_tables_are_the_committed_records_output():
-    # acceptance: the README's tables are regenerated from results/testbed.jsonl, never typed
+@pytest.mark.parametrize("records, out, block", [("testbed", "testbed", None), ("smollm2", "smollm2", "smollm2"),
+                                                 ("smollm2-diag", "smollm2-damping", "smollm2-damping")])
+def test_readme_tables_are_the_committed_records_output(records, out, block):
+    # acceptance: each generated block of the README is its committed records' tables, never typed
     from conftest import ROOT
     from experiments.report import readme_block, readme_tables
 
-    expected = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "testbed.jsonl"))))
-    assert readme_tables(ROOT / "README.md") == expected, (
-        "README tables differ from the records: python -m experiments.report --records results/testbed.jsonl "
-        "--out reports/testbed --readme README.md")
-    smollm2 = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "smollm2.jsonl"))), 2)
-    assert readme_tables(ROOT / "README.md", "smollm2") == smollm2, (
-        "README SmolLM2 tables differ from the records: python -m experiments.report --records "
-        "results/smollm2.jsonl --out reports/smollm2 --readme README.md --block smollm2")
-    damping = readme_block(to_markdown(build_tables(load_records(ROOT / "results" / "smollm2-diag.jsonl"))), 2)
-    assert readme_tables(ROOT / "README.md", "smollm2-damping") == damping, (
-        "README SmolLM2 damping tables differ from the records: python -m experiments.report --records "
-        "results/smollm2-diag.jsonl --out reports/smollm2-damping --readme README.md --block smollm2-damping")
+    tables = to_markdown(build_tables(load_records(ROOT / "results" / f"{records}.jsonl")))
+    expected = readme_block(tables) if block is None else readme_block(tables, 2)
+    command = (f"python -m experiments.report --records results/{records}.jsonl --out reports/{out} --readme README.md"
+               + ("" if block is None else f" --block {block}"))
+    assert readme_tables(ROOT / "README.md", block) == expected, f"README tables differ from the records: {command}"
 
 
 def test_layerwise_records_from_before_curvature_kind_none_still_count(tmp_path):
