@@ -1,7 +1,8 @@
 """Benchmark: one shot per structure on random-init models of real shapes, built from configs alone (no download).
 
     python -m experiments.bench_scale [--shapes opt-125m ...] [--n 8] [--seq-len 128] [--device auto]
-                                      [--dtype float32] [--json reports/bench_scale/cpu.jsonl]
+                                      [--dtype float32] [--layers N] [--have-gib G]
+                                      [--json reports/bench_scale/cpu.jsonl]
 
 Per shape: the memory estimate (surgeon.memory) checked against the device first (a shape that does not fit is
 refused in seconds, as run.py refuses it), then one plain forward+backward over the calibration batches, then one
@@ -10,6 +11,10 @@ the shot, the estimate beside it, and the shot's peak above model + factors as a
 layer's solver measured alone. CPU peaks are the process's resident memory sampled every millisecond (the
 benchmark re-executes itself with a fixed malloc mmap threshold so freed tensors leave the resident set); CUDA
 peaks are torch's allocator peaks. A table on stdout, one JSON line per row in --json.
+
+`--layers N` keeps the first N blocks of each shape (real widths, fewer layers): the Llama-2-7B shape's layers and
+solvers measured on a machine that cannot hold all 32 blocks. `--have-gib G` checks the estimate against G GiB
+instead of the device's memory (would it fit on an 80 GB card?); a shape that fits is then still run here.
 """
 from __future__ import annotations
 
@@ -54,10 +59,15 @@ DAMPING = {"structured": (0.01, 0.01), "unstructured": (0.01, 0.1), "semistructu
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def make_config(shape: str):
+def make_config(shape: str, layers: int | None = None):
+    """The shape's transformers config; with `layers`, only its first `layers` blocks."""
     from transformers import LlamaConfig, OPTConfig
 
     family, kwargs = SHAPES[shape]
+    if layers is not None:
+        if not 1 <= layers <= kwargs["num_hidden_layers"]:
+            raise SystemExit(f"error: --layers {layers}: {shape} has 1 to {kwargs['num_hidden_layers']} layers")
+        kwargs = {**kwargs, "num_hidden_layers": layers}
     return (OPTConfig if family == "opt" else LlamaConfig)(**kwargs)
 
 
@@ -130,6 +140,25 @@ def split_after_pass(tracker: PeakMemory, pass_peak: list):
         prune_mod.estimate_curvature = original
 
 
+class Rows(list):
+    """The table's rows; each one also appended to the JSON-lines file as soon as it is measured, so that a run
+    stopped part-way (a time limit) keeps the rows it finished."""
+
+    def __init__(self, path: Path | None):
+        super().__init__()
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
 def plain_pass(model, batches, device) -> float:
     """One forward+backward over the calibration batches (mean next-token loss per sequence), no hooks."""
     t0 = time.perf_counter()
@@ -176,6 +205,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--max-iter", type=int, default=2000, help="update.max_iter of the joint solve")
     p.add_argument("--tol", type=float, default=1e-8, help="update.tol of the joint solve")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N blocks of each shape")
+    p.add_argument("--have-gib", type=float, default=None, help="check the estimate against this much memory")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     device = resolve_device(args.device)
@@ -183,12 +214,12 @@ def main(argv=None):
         os.execve(sys.executable, [sys.executable, "-m", "experiments.bench_scale", *sys.argv[1:]],
                   {**os.environ, **MALLOC})
     torch.backends.cuda.matmul.allow_tf32 = False
-    have = memory.available_bytes(device)
+    have = memory.available_bytes(device) if args.have_gib is None else int(args.have_gib * 2**30)
     # the process before any model: what the estimate adds to (CUDA peaks count tensors only)
     runtime = PeakMemory.rss() if device.type == "cpu" else 0
-    rows = []
+    rows = Rows(args.json)
     for shape in args.shapes:
-        config = make_config(shape)
+        config = make_config(shape, args.layers)
         t0 = time.perf_counter()
         settings = dict(dtype=args.dtype, calib_batch=args.batch_size, calib_seq_len=args.seq_len, calib_n=args.n,
                         eval_batch=args.batch_size, eval_seq_len=args.seq_len, runtime=runtime)
@@ -196,18 +227,19 @@ def main(argv=None):
         worst = max(estimates.values(), key=lambda e: e.peak)
         if have is not None and worst.peak > have:
             hints = memory.fix_hints(config, worst, have, **settings)
-            row = {"shape": shape, "device": str(device), "refused": True, "estimate": worst.as_dict(),
+            row = {"shape": shape, "layers": config.num_hidden_layers, "device": str(device), "refused": True, "estimate": worst.as_dict(),
                    "have": have, "seconds_to_refuse": time.perf_counter() - t0, "hints": hints}
-            print(f"{shape}: refused in {row['seconds_to_refuse']:.1f} s: needs about {worst.describe()}, "
-                  f"{device} has {have / 2**30:.1f} GiB; try {' or '.join(hints)}", flush=True)
+            where = f"{device} has" if args.have_gib is None else "--have-gib gives"
+            print(f"{label(row)}: refused in {row['seconds_to_refuse']:.1f} s: needs about {worst.describe()}, "
+                  f"{where} {have / 2**30:.1f} GiB; try {' or '.join(hints)}", flush=True)
             rows.append(row)
             continue
         torch.manual_seed(0)
         from transformers import AutoModelForCausalLM
 
-        with PeakMemory(device) as load:
-            dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(
-                getattr(torch, args.dtype)).to(device).eval()
+        with torch.device(device):  # initialised where it runs, in its dtype: no float32 copy on the host
+            dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                     dtype=getattr(torch, args.dtype)).eval()
         ids = torch.randint(0, config.vocab_size, (args.n, args.seq_len), generator=torch.Generator().manual_seed(1))
         batches = list(ids.split(args.batch_size))
         plain_pass(dense, batches[:1], device)  # warm-up
@@ -232,7 +264,8 @@ def main(argv=None):
             solve_peak = shot.peak  # the costs, selection and update phases (the pass's peak is pass_peak[0])
             shot.peak = max(shot.peak, pass_peak[0])
             above = solve_peak - before - factors
-            row = {"shape": shape, "structure": structure, "device": str(device), "dtype": args.dtype,
+            row = {"shape": shape, "layers": config.num_hidden_layers, "structure": structure, "device": str(device),
+                   "dtype": args.dtype,
                    "precision": args.precision, "calib": [args.n, args.seq_len, args.batch_size],
                    "plain_pass_s": base, "seconds": seconds, "ratios": {k: v / base for k, v in seconds.items()},
                    "shot_ratio": sum(seconds.values()) / base, "model_bytes": before, "peak_bytes": shot.peak,
@@ -242,15 +275,17 @@ def main(argv=None):
                    "above_model_factors_per_solver": above / solver_peak,
                    "max_iterations": max((s["iterations"] for s in info.get("solves", {}).values()), default=0)}
             rows.append(row)
-            print(f"{shape} {structure}: shot {row['shot_ratio']:.2f}x plain pass, peak {shot.peak / 2**30:.2f} GiB "
+            print(f"{label(row)} {structure}: shot {row['shot_ratio']:.2f}x plain pass, peak {shot.peak / 2**30:.2f} GiB "
                   f"(estimate {est.shot_peak / 2**30:.2f})", flush=True)
         del dense, weights
     print_table(rows)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+
+
+def label(row) -> str:
+    """The shape's name, and how many of its blocks ran when --layers cut it."""
+    full = SHAPES[row["shape"]][1]["num_hidden_layers"]
+    layers = row.get("layers", full)
+    return row["shape"] if layers == full else f"{row['shape']} ({layers} of {full} layers)"
 
 
 def print_table(rows):
@@ -260,11 +295,11 @@ def print_table(rows):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("refused"):
-            print(f"| {r['shape']} | refused in {r['seconds_to_refuse']:.1f} s | | | | | | | "
+            print(f"| {label(r)} | refused in {r['seconds_to_refuse']:.1f} s | | | | | | | "
                   f"{r['estimate']['peak'] / g:.1f} | | |")
             continue
         q = r["ratios"]
-        print(f"| {r['shape']} | {r['structure']} | {r['plain_pass_s']:.2f} | {q['curvature']:.2f}x | {q['costs']:.2f}x "
+        print(f"| {label(r)} | {r['structure']} | {r['plain_pass_s']:.2f} | {q['curvature']:.2f}x | {q['costs']:.2f}x "
               f"| {q['update']:.2f}x | {r['shot_ratio']:.2f}x | {r['peak_bytes'] / g:.2f} | {r['estimate']['shot_peak'] / g:.2f} "
               f"| {r['estimate_error']:+.0%} | {r['above_model_factors_per_solver']:.2f} |")
 
