@@ -7,7 +7,8 @@ below is then the identity (one process owns everything). The numeric modules ta
 callables (`sum_`), so they stay tensor functions.
 
 What is split: the calibration batches (each rank sums its share of the statistics, `sum_` adds them up on
-every rank), the layers' costs and updates (`owners`: each layer on one rank, its results broadcast; the global
+every rank), the layers' costs and updates (`owners`: each layer on one rank, its results broadcast; the layers
+divided by R^3 + C^3 in the first shot and by the seconds each took in the shot before after that; the global
 threshold from counts combined with `reduce_ints`), and the evaluation windows (`gather_losses`). Rank 0 writes the record, the checkpoint and W&B.
 
 A failing rank leaves its error in the process group's store (`report_failure`) before it exits; torchrun

@@ -98,6 +98,9 @@ class PruneState:
     removed: dict[str, torch.Tensor]
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     cols: dict[str, torch.Tensor] = field(default_factory=dict)
+    # over several processes: seconds each layer's costs and update took in the last shot, on its owner (the
+    # next shot divides the layers by them); empty in one process and before the first shot
+    work: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, layers: list[PrunableLayer]) -> "PruneState":
@@ -113,14 +116,14 @@ class PruneState:
     def state_dict(self) -> dict:
         return {"removed": {k: v.cpu() for k, v in self.removed.items()},
                 "rows": {k: v.cpu() for k, v in self.rows.items()},
-                "cols": {k: v.cpu() for k, v in self.cols.items()}}
+                "cols": {k: v.cpu() for k, v in self.cols.items()}, "work": dict(self.work)}
 
     @classmethod
     def from_state_dict(cls, sd: dict, layers: list[PrunableLayer]) -> "PruneState":
         """Masks saved on the host (`state_dict`), each back on its layer's device."""
         where = {layer.name: layer.module.weight.device for layer in layers}
         move = lambda d: {k: v.to(where[k]) for k, v in d.items()}  # noqa: E731
-        return cls(move(sd["removed"]), move(sd["rows"]), move(sd["cols"]))
+        return cls(move(sd["removed"]), move(sd["rows"]), move(sd["cols"]), dict(sd.get("work", {})))
 
 
 @torch.no_grad()
@@ -197,7 +200,9 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
     Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none. Over several
-    processes also `own_update_s`: this rank's update phase before it waits for the others' weights."""
+    processes also `own_update_s`: this rank's update phase before it waits for the others' weights, and
+    `balance`: what divided the layers over the processes ("R^3+C^3" in the first shot, then "previous shot":
+    the seconds each layer's costs and update took in the shot before, kept in `state.work`)."""
     devices = models.devices(model)
     if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
@@ -214,8 +219,12 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     # Several processes (surgeon.distributed): each sums the statistics of its share of the batches, and costs and
     # updates are divided by layer, each layer's results broadcast from its owner; in one process rank 0 owns all.
     rank = distributed.rank()
-    owner = dict(zip([l.name for l in layers], distributed.owners([_work(l) for l in layers])))
+    measured = all(layer.name in state.work for layer in layers)
+    work = [state.work[l.name] if measured else _work(l) for l in layers]
+    owner = dict(zip([l.name for l in layers], distributed.owners(work)))
     mine = [layer for layer in layers if owner[layer.name] == rank]
+    took = dict.fromkeys([layer.name for layer in mine], 0.0)  # each own layer's costs and update, in seconds
+    lap = _lap(devices) if distributed.active() else None
     seconds = {}
     t0 = time.perf_counter()
     factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=opts.rank,
@@ -234,6 +243,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     beta: dict[str, float] = {}
     costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
     for layer in mine:
+        t1 = time.perf_counter()
         scorer = _scorer(layer, factors[layer.name], opts)
         if opts.structure == "structured":
             costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
@@ -243,6 +253,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         if opts.rank == 2:
             beta[layer.name] = scorer.beta
         del scorer
+        if lap:
+            took[layer.name] += lap(t1)
     if obd:
         factors.clear()  # no update: the factors are done
     beta = _in_layer_order(layers, distributed.gather_objects(beta))
@@ -283,6 +295,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         if obd:
             continue
         name = layer.name
+        t1 = time.perf_counter()
         # rebuilt from the factors (the layer's weights have not changed since its costs): one solver at a time
         solver = _solver(layer, factors.pop(name), opts)
         if opts.structure == "structured":
@@ -302,8 +315,13 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             solves[name] = info.as_dict()
         set_weight_with_bias(layer.module, W)
         del solver, W
+        if lap:
+            took[name] += lap(t1)
     _sync(devices)
     own = {"own_update_s": time.perf_counter() - t0} if distributed.active() else {}  # before waiting on the others
+    if distributed.active():  # every rank the same seconds, hence the same owners in the next shot
+        state.work = _in_layer_order(layers, distributed.gather_objects(took))
+        own["balance"] = "previous shot" if measured else "R^3+C^3"
     if not obd and distributed.active():
         for layer in layers:  # every rank holds the same model after the shot
             for tensor in (layer.module.weight, layer.module.bias):
@@ -314,6 +332,14 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     _sync(devices)
     seconds["update"] = time.perf_counter() - t0
     return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value} | own
+
+
+def _lap(devices):
+    """Seconds since a perf_counter reading, once the devices' queued work is done (a layer's own time)."""
+    def lap(t0: float) -> float:
+        _sync(devices)
+        return time.perf_counter() - t0
+    return lap
 
 
 def _work(layer: PrunableLayer) -> float:

@@ -105,6 +105,60 @@ def test_helpers_over_two_gloo_processes(tmp_path):
         assert result["object"] == "from 0"
 
 
+def _tiny_shots(shots: int = 2, structure: str = "unstructured"):
+    """Shots of prune_shot on a small random OPT (the same in every process): each shot's balance and masks,
+    and the state's per-layer seconds after each."""
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from surgeon.adapters import adapter_for
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    torch.manual_seed(0)
+    config = OPTConfig(hidden_size=32, ffn_dim=96, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = adapter_for("opt").layers(model)
+    batches = list(torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)).split(2))
+    state, out = PruneState.empty(layers), []
+    opts = ShotOptions(structure=structure, damping_a=0.01, damping_g=0.1, tol=1e-8, max_iter=500,
+                       accumulate="float64")
+    for shot in range(1, shots + 1):
+        _, info = prune_shot(model, layers, batches, state, 0.5 * shot / shots, opts, seed=shot)
+        out.append({"balance": info.get("balance"), "work": dict(state.work),
+                    "masks": {k: v.tolist() for k, v in state.removed.items()}})
+    return out
+
+
+def _balance_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert distributed.init(torch.device("cpu"), timeout_s=120)
+    try:
+        shots = _tiny_shots()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(shots, f)
+    finally:
+        distributed.close()
+
+
+def test_layers_are_divided_by_the_seconds_they_took_in_the_shot_before(tmp_path):
+    """Two gloo processes: the first shot divides the layers by R^3 + C^3, the second by the seconds each layer's
+    costs and update took in the first (the same on both ranks); the masks are those of one process."""
+    mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    torch.set_num_threads(1)
+    one = _tiny_shots()
+    names = list(one[0]["masks"])
+    for shots in ranks:
+        assert [s["balance"] for s in shots] == ["R^3+C^3", "previous shot"]
+        for shot, alone in zip(shots, one):
+            assert list(shot["work"]) == names and all(t > 0 for t in shot["work"].values())
+            assert shot["masks"] == alone["masks"]
+    assert ranks[0][0]["work"] == ranks[1][0]["work"] and ranks[0][1]["work"] == ranks[1][1]["work"]
+    assert [s["balance"] for s in one] == [None, None] and one[-1]["work"] == {}  # one process: nothing measured
+
+
 @pytest.mark.parametrize("rank", [1, 2])
 def test_float64_sums_give_the_same_factors_however_the_batches_are_split(rank):
     """Two 'processes' (threads, each with its own copy of the model and a share of the batches, adding up their
