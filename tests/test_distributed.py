@@ -147,8 +147,12 @@ def test_layers_are_divided_by_the_seconds_they_took_in_the_shot_before(tmp_path
     costs and update took in the first (the same on both ranks); the masks are those of one process."""
     mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
-    torch.set_num_threads(1)
-    one = _tiny_shots()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: the same kernels
+    try:
+        one = _tiny_shots()
+    finally:
+        torch.set_num_threads(threads)  # the tests after this one run with the process's default
     names = list(one[0]["masks"])
     for shots in ranks:
         assert [s["balance"] for s in shots] == ["R^3+C^3", "previous shot"]
