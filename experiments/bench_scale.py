@@ -227,8 +227,8 @@ def main(argv=None):
         worst = max(estimates.values(), key=lambda e: e.peak)
         if have is not None and worst.peak > have:
             hints = memory.fix_hints(config, worst, have, **settings)
-            row = {"shape": shape, "layers": config.num_hidden_layers, "device": str(device), "refused": True, "estimate": worst.as_dict(),
-                   "have": have, "seconds_to_refuse": time.perf_counter() - t0, "hints": hints}
+            row = {"shape": shape, "layers": config.num_hidden_layers, "device": str(device), "refused": True,
+                   "estimate": worst.as_dict(), "have": have, "seconds_to_refuse": time.perf_counter() - t0, "hints": hints}
             where = f"{device} has" if args.have_gib is None else "--have-gib gives"
             print(f"{label(row)}: refused in {row['seconds_to_refuse']:.1f} s: needs about {worst.describe()}, "
                   f"{where} {have / 2**30:.1f} GiB; try {' or '.join(hints)}", flush=True)
@@ -265,8 +265,7 @@ def main(argv=None):
             shot.peak = max(shot.peak, pass_peak[0])
             above = solve_peak - before - factors
             row = {"shape": shape, "layers": config.num_hidden_layers, "structure": structure, "device": str(device),
-                   "dtype": args.dtype,
-                   "precision": args.precision, "calib": [args.n, args.seq_len, args.batch_size],
+                   "dtype": args.dtype, "precision": args.precision, "calib": [args.n, args.seq_len, args.batch_size],
                    "plain_pass_s": base, "seconds": seconds, "ratios": {k: v / base for k, v in seconds.items()},
                    "shot_ratio": sum(seconds.values()) / base, "model_bytes": before, "peak_bytes": shot.peak,
                    "pass_peak_bytes": pass_peak[0], "solve_peak_bytes": solve_peak,

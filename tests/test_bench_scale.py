@@ -66,6 +66,10 @@ def test_one_shot_per_structure_writes_a_row_each_as_measured(tmp_path):
         assert r["estimate_error"] == pytest.approx(r["peak_bytes"] / r["estimate"]["shot_peak"] - 1)
     assert "| opt-tiny (2 of 4 layers) | structured |" in out
     assert "| opt-tiny (2 of 4 layers) | unstructured |" in out
+    # each row is on disk as soon as it is appended, before the run ends
+    kept = bench_scale.Rows(tmp_path / "sub" / "kept.jsonl")
+    kept.append({"shape": "opt-tiny"})
+    assert (tmp_path / "sub" / "kept.jsonl").read_text() == '{"shape": "opt-tiny"}\n'
 
 
 def test_the_solver_estimate_covers_the_measured_solvers():
