@@ -175,7 +175,7 @@ def plain_pass(model, batches, device) -> float:
 
 def largest_solver_peak(model, layers, device) -> tuple[str, int]:
     """Peak memory of the largest layer's solver alone (costs and a joint update at 50%), random SPD factors."""
-    layer = max(layers, key=lambda l: l.module.weight.numel())
+    layer = max(layers, key=lambda l: l.weight.numel())
     W = weight_with_bias(layer.module).float()
     R, C = W.shape
     g = torch.Generator(device=device).manual_seed(0)
@@ -184,7 +184,7 @@ def largest_solver_peak(model, layers, device) -> tuple[str, int]:
     A, G = A @ A.T / C, G @ G.T / R
     with PeakMemory(device) as peak:
         base = peak.now()
-        solver = LayerOBS(W, A, G, damping_a=0.01, damping_g=0.1, has_bias=layer.module.bias is not None)
+        solver = LayerOBS(W, A, G, damping_a=0.01, damping_g=0.1, has_bias=layer.bias is not None)
         costs = solver.element_costs()
         removed = costs <= costs.median()
         solver.update_elements_joint(removed, tol=1e-6, max_iter=50)

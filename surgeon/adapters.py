@@ -1,53 +1,142 @@
-"""One small adapter per architecture family: which Linear layers are prunable, and how.
+"""One small adapter per architecture family: which layers are prunable, and how their rows couple.
 
-Everything model-specific lives here so the rest of the package never branches on
-the model type.
+Everything model-specific lives here so the rest of the package never branches on the model type. A prunable
+layer is an `nn.Linear` or a transformers `Conv1D` (GPT-2: weight stored transposed, (in, out)); the rest of the
+package reads it through `PrunableLayer.weight`, always (out, in). A fused projection (Phi-3's `qkv_proj` and
+`gate_up_proj`, GPT-2's `c_attn`, GPT-NeoX's `query_key_value`) is one prunable layer described once by `Fused`:
+which roles its rows hold and in what order, which curvature, selection, update, compaction and save all read.
+`FAMILIES` is the table of supported families (the README's list and the conformance tests read it).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def conv1d(module: nn.Module) -> bool:
+    """A transformers `Conv1D` (GPT-2's Linear with its weight stored as (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def matrix(module: nn.Module) -> Tensor:
+    """The weight as (out, in), a view of the parameter (writes go through)."""
+    return module.weight.T if conv1d(module) else module.weight
 
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable `nn.Linear`: `name` is its module path in the model."""
+    """One prunable Linear or Conv1D: `name` is its module path in the model."""
 
     name: str
-    type: str  # short role name shared across families, e.g. "q", "fc1", "gate"
+    type: str  # short role name shared across families, e.g. "q", "fc1", "gate", "qkv"
     block: int
-    module: nn.Linear
+    module: nn.Module
+
+    @property
+    def weight(self) -> Tensor:
+        """(out, in) view of the weight, whatever layout the module stores."""
+        return matrix(self.module)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.module.weight.shape)
+        return tuple(self.weight.shape)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The rows of one fused projection: `parts` (roles) in order, either concatenated whole
+    (Phi-3 q|k|v and gate|up, GPT-2 q|k|v) or `per_head` (GPT-NeoX: head 0's q|k|v, head 1's q|k|v, ...)."""
+
+    parts: tuple[str, ...]
+    per_head: bool = False
+
+    def rows(self, sizes: dict[str, int], head_dim: int) -> dict[str, Tensor]:
+        """Row indices of every part inside the fused weight, from each part's row count."""
+        if self.per_head:
+            heads = sizes[self.parts[0]] // head_dim
+            grid = torch.arange(heads * len(self.parts) * head_dim).view(heads, len(self.parts), head_dim)
+            return {role: grid[:, i].flatten() for i, role in enumerate(self.parts)}
+        out, start = {}, 0
+        for role in self.parts:
+            out[role] = torch.arange(start, start + sizes[role])
+            start += sizes[role]
+        return out
+
+    def join(self, selected: dict[str, Tensor], head_dim: int) -> Tensor:
+        """The inverse of `rows` for a new, smaller layout: row indices into the old fused weight, given each part's
+        kept rows (as old fused indices), laid out in this fusion's order."""
+        if self.per_head:
+            return torch.stack([selected[role].view(-1, head_dim) for role in self.parts], 1).flatten()
+        return torch.cat([selected[role] for role in self.parts])
+
+
+@dataclass
+class Part:
+    """The rows of one role (q, k, v, gate, up, ...) inside its module: all rows, or a fused module's share."""
+
+    module: nn.Module
+    rows: Tensor | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        W = matrix(self.module)
+        return W if self.rows is None else W[self.rows.to(W.device)]
+
+    @property
+    def bias(self) -> Tensor | None:
+        b = self.module.bias
+        return b if b is None or self.rows is None else b[self.rows.to(b.device)]
+
+    def index(self, mask: Tensor) -> Tensor:
+        """Rows of the module selected by a mask over this part's rows."""
+        where = torch.nonzero(mask.cpu()).flatten()
+        return where if self.rows is None else self.rows[where]
 
 
 class Adapter:
-    """Finds the decoder blocks and their prunable Linear layers of one model family, and knows how its
-    attention and MLP couple rows to columns (for compaction, `surgeon.compact`)."""
+    """Finds the decoder blocks and their prunable layers of one model family, and knows how its attention and MLP
+    couple rows to columns (for compaction, `surgeon.compact`)."""
 
     model_types: tuple[str, ...] = ()
+    families: dict[str, str] = {}     # model_type -> what the family is (the README's table)
     blocks_path: str = ""
     layer_paths: dict[str, str] = {}  # role -> path inside one block
+    fused: dict[str, Fused] = {}      # role of a fused layer -> the roles its rows hold
     attention_path: str = ""
     attention_out: str = ""     # role of the attention output projection (its columns are value dimensions)
     mlp_activated: str = ""     # role whose output goes through the activation
     mlp_multiplied: str | None = None  # role multiplied elementwise with the activation (gated MLPs)
     mlp_out: str = ""           # role reading the hidden units
+    mlp_path: str = "mlp"
+    activation: str = "act_fn"  # attribute of the MLP module holding its activation
     rotary: bool = False        # rotary position embedding: query/key dimensions keep their frequencies
 
     def mlp_activation(self, block: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        return getattr(block.get_submodule(self.mlp_path) if self.mlp_path else block, self.activation)
 
     def heads(self, attention: nn.Module) -> tuple[int, int, int]:
         """(query heads, key-value heads, head dimension) of one attention module as it is now."""
         raise NotImplementedError
 
     def set_heads(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
-        """Tell a resized attention module its new head counts (its Linear layers are already resized)."""
+        """Tell a resized attention module its new head counts (its layers are already resized)."""
         raise NotImplementedError
 
     def uniform_shape(self, shapes: list[dict], dense: list[tuple[int, int, int]]) -> dict:
@@ -59,6 +148,10 @@ class Adapter:
         """Write `shapes` (one dict per block: heads, kv_heads, head_dim, mlp) into the model's own config
         fields when the stock model class can hold them (the same in every block); False when it cannot."""
         raise NotImplementedError
+
+    def text_config(self, config):
+        """The config holding the decoder's sizes (a multimodal checkpoint's text tower: its text_config)."""
+        return config
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
@@ -72,9 +165,59 @@ class Adapter:
                 out.append(PrunableLayer(name=name, type=role, block=i, module=module))
         return out
 
+    def home(self, role: str) -> str:
+        """The layer role that holds `role`'s rows: the fused layer's, or its own."""
+        return next((fused for fused, spec in self.fused.items() if role in spec.parts), role)
 
-class OPTAdapter(Adapter):
+    def sizes(self, block: nn.Module) -> dict[str, int]:
+        """Rows of every part role of one block as it is now."""
+        H, K, d = self.heads(block.get_submodule(self.attention_path))
+        units = matrix(block.get_submodule(self.layer_paths[self.mlp_out])).shape[1]
+        sizes = {"q": H * d, "k": K * d, "v": K * d, self.mlp_activated: units}
+        if self.mlp_multiplied:
+            sizes[self.mlp_multiplied] = units
+        return sizes
+
+    def part(self, block: nn.Module, role: str) -> Part:
+        """The rows of `role` (q, k, v, the MLP's activated/multiplied inputs, or any layer role) in one block."""
+        home = self.home(role)
+        module = block.get_submodule(self.layer_paths[home])
+        if home == role:
+            return Part(module)
+        _, _, d = self.heads(block.get_submodule(self.attention_path))
+        return Part(module, self.fused[home].rows(self.sizes(block), d)[role])
+
+    def row_groups(self, layer: PrunableLayer, block: nn.Module) -> dict[str, Tensor]:
+        """Which rows of a layer belong to which part (for a fused layer), as index tensors; {} when unfused."""
+        spec = self.fused.get(layer.type)
+        if spec is None:
+            return {}
+        _, _, d = self.heads(block.get_submodule(self.attention_path))
+        return spec.rows(self.sizes(block), d)
+
+
+class _StockHeads(Adapter):
+    """Families whose config derives head_dim from hidden_size / heads (OPT, GPT-2, GPT-NeoX): a stock config can
+    only narrow the MLP, so the attention stays whole in a uniform (stock-loadable) compaction."""
+
+    mlp_width: str = ""  # the config field of the MLP width
+
+    def uniform_shape(self, shapes, dense):
+        H, _, d = dense[0]
+        return {"kv_heads": H, "per_group": 1, "head_dim": d, "mlp": max(s["mlp"] for s in shapes)}
+
+    def stock_config(self, config, shapes):
+        H = config.num_attention_heads
+        d = config.hidden_size // H
+        if any((s["heads"], s["head_dim"]) != (H, d) for s in shapes) or len({s["mlp"] for s in shapes}) != 1:
+            return False
+        setattr(config, self.mlp_width, shapes[0]["mlp"])
+        return True
+
+
+class OPTAdapter(_StockHeads):
     model_types = ("opt",)
+    families = {"opt": "OPT: biases, ReLU, learned positions"}
     blocks_path = "model.decoder.layers"
     layer_paths = {
         "q": "self_attn.q_proj",
@@ -88,9 +231,9 @@ class OPTAdapter(Adapter):
     attention_out = "out"
     mlp_activated = "fc1"
     mlp_out = "fc2"
-
-    def mlp_activation(self, block):
-        return block.activation_fn
+    mlp_path = ""
+    activation = "activation_fn"
+    mlp_width = "ffn_dim"
 
     def heads(self, attention):
         return attention.num_heads, attention.num_heads, attention.head_dim
@@ -99,21 +242,72 @@ class OPTAdapter(Adapter):
         # the query scaling stays the original head_dim ** -0.5: removed dimensions contributed nothing
         attention.num_heads, attention.head_dim = heads, head_dim
 
-    def uniform_shape(self, shapes, dense):
-        H, _, d = dense[0]  # OPT's config has one head count and derives head_dim: the attention stays whole
-        return {"kv_heads": H, "per_group": 1, "head_dim": d, "mlp": max(s["mlp"] for s in shapes)}
 
-    def stock_config(self, config, shapes):
-        # OPTAttention derives head_dim from hidden_size / num_attention_heads: only the MLP width can change
-        H, d = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-        if any((s["heads"], s["head_dim"]) != (H, d) for s in shapes) or len({s["mlp"] for s in shapes}) != 1:
-            return False
-        config.ffn_dim = shapes[0]["mlp"]
-        return True
+class GPT2Adapter(_StockHeads):
+    """GPT-2: Conv1D layers, q|k|v fused in `c_attn`, biases everywhere, learned positions (no rotary)."""
+
+    model_types = ("gpt2",)
+    families = {"gpt2": "GPT-2: Conv1D layers (weight stored (in, out)), q/k/v fused in c_attn, biases"}
+    blocks_path = "transformer.h"
+    layer_paths = {"qkv": "attn.c_attn", "out": "attn.c_proj", "fc": "mlp.c_fc", "proj": "mlp.c_proj"}
+    fused = {"qkv": Fused(("q", "k", "v"))}
+    attention_path = "attn"
+    attention_out = "out"
+    mlp_activated = "fc"
+    mlp_out = "proj"
+    activation = "act"
+    mlp_width = "n_inner"
+
+    def heads(self, attention):
+        return attention.num_heads, attention.num_heads, attention.head_dim
+
+    def set_heads(self, attention, heads, kv_heads, head_dim):
+        # `scaling` keeps the original head_dim ** -0.5 (fixed when the module was built)
+        attention.num_heads, attention.head_dim = heads, head_dim
+        attention.split_size = attention.embed_dim = heads * head_dim
+
+
+class GPTNeoXAdapter(_StockHeads):
+    """GPT-NeoX (Pythia): q|k|v fused in `query_key_value`, interleaved per head; rotary on (a part of) each head;
+    attention and MLP in parallel from two norms of one input (`use_parallel_residual`), which changes nothing here:
+    each layer still has its own input."""
+
+    model_types = ("gpt_neox",)
+    families = {"gpt_neox": "GPT-NeoX / Pythia: q/k/v fused and interleaved per head, partial rotary, parallel residual"}
+    blocks_path = "gpt_neox.layers"
+    layer_paths = {"qkv": "attention.query_key_value", "dense": "attention.dense",
+                   "h_to_4h": "mlp.dense_h_to_4h", "4h_to_h": "mlp.dense_4h_to_h"}
+    fused = {"qkv": Fused(("q", "k", "v"), per_head=True)}
+    attention_path = "attention"
+    attention_out = "dense"
+    mlp_activated = "h_to_4h"
+    mlp_out = "4h_to_h"
+    activation = "act"
+    rotary = True
+    mlp_width = "intermediate_size"
+
+    def heads(self, attention):
+        d = attention.head_size
+        H = attention.dense.in_features // d
+        return H, H, d
+
+    def set_heads(self, attention, heads, kv_heads, head_dim):
+        if head_dim != attention.head_size:
+            raise ValueError(f"a rotary attention keeps head_dim {attention.head_size}, got {head_dim}")
+        # the forward reads the head count from the fused output's width
 
 
 class LlamaAdapter(Adapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    """Llama-2/3 and the families with its layout: Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms over head_dim),
+    Gemma 2/3 (q/k norms, pre- and post-norms, explicit head_dim, GELU-tanh gated MLP, sliding-window layers)."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+    families = {"llama": "Llama-2/3: grouped-query attention, SwiGLU, rotary",
+                "mistral": "Mistral: Llama layout, sliding-window attention",
+                "qwen2": "Qwen2/2.5: Llama layout with q/k/v biases",
+                "qwen3": "Qwen3: Llama layout with q/k norms over head_dim",
+                "gemma2": "Gemma 2: q/k/v/o, pre- and post-norms, soft-capping, explicit head_dim, GELU-tanh gated MLP",
+                "gemma3_text": "Gemma 3 (text): as Gemma 2 with q/k norms and sliding-window layers"}
     blocks_path = "model.layers"
     layer_paths = {
         "q": "self_attn.q_proj",
@@ -131,12 +325,12 @@ class LlamaAdapter(Adapter):
     mlp_out = "down"
     rotary = True
 
-    def mlp_activation(self, block):
-        return block.mlp.act_fn
-
     def heads(self, attention):
         d = attention.head_dim
-        return attention.q_proj.out_features // d, attention.k_proj.out_features // d, d
+        return attention.o_proj.in_features // d, self._kv_heads(attention, d), d
+
+    def _kv_heads(self, attention, d: int) -> int:
+        return attention.k_proj.out_features // d
 
     def set_heads(self, attention, heads, kv_heads, head_dim):
         if head_dim != attention.head_dim:
@@ -151,15 +345,68 @@ class LlamaAdapter(Adapter):
     def stock_config(self, config, shapes):
         if len({(s["heads"], s["kv_heads"], s["mlp"]) for s in shapes}) != 1:
             return False
+        config = self.text_config(config)
         config.head_dim = shapes[0]["head_dim"]  # explicit: it no longer equals hidden_size / heads
         config.num_attention_heads, config.num_key_value_heads = shapes[0]["heads"], shapes[0]["kv_heads"]
         config.intermediate_size = shapes[0]["mlp"]
         return True
 
 
-ADAPTERS = (OPTAdapter, LlamaAdapter)
-# roles that read one input tensor in every family: they share one Kronecker factor A
+class Gemma3Adapter(LlamaAdapter):
+    """The text tower of a multimodal Gemma 3 checkpoint (`gemma3`); the vision tower is never pruned."""
+
+    model_types = ("gemma3",)
+    families = {"gemma3": "Gemma 3 multimodal checkpoint: its text tower (the vision tower is not pruned)"}
+    blocks_path = "model.language_model.layers"
+
+    def text_config(self, config):
+        return config.text_config
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: q|k|v fused in `qkv_proj`, gate|up fused in `gate_up_proj` (gate first)."""
+
+    model_types = ("phi3",)
+    families = {"phi3": "Phi-3: q/k/v fused in qkv_proj, gate/up fused in gate_up_proj"}
+    layer_paths = {"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+                   "down": "mlp.down_proj"}
+    fused = {"qkv": Fused(("q", "k", "v")), "gate_up": Fused(("gate", "up"))}
+    activation = "activation_fn"
+
+    def _kv_heads(self, attention, d):
+        return attention.num_key_value_heads
+
+    def set_heads(self, attention, heads, kv_heads, head_dim):
+        super().set_heads(attention, heads, kv_heads, head_dim)
+        # the forward splits q from k|v at config.num_attention_heads * head_dim: a block of its own width gets
+        # a config of its own
+        if attention.config.num_attention_heads != heads:
+            attention.config = copy.copy(attention.config)
+            attention.config.num_attention_heads = heads
+        attention.num_key_value_heads = kv_heads
+
+
+ADAPTERS = (OPTAdapter, LlamaAdapter, Gemma3Adapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter)
+# roles of separate layers that read one input tensor: they share one Kronecker factor A
 SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for cls in ADAPTERS for t in cls.model_types)
+
+
+def family_table() -> str:
+    """The README's table of supported families (tests/test_families.py checks the README holds it)."""
+    lines = ["| `model_type` | family | prunable layers per block (fused: parts) |", "|---|---|---|"]
+    for cls in ADAPTERS:
+        adapter = cls()
+        layers = ", ".join(f"`{path}`" + (f" ({'/'.join(adapter.fused[role].parts)}"
+                                         f"{', per head' if adapter.fused[role].per_head else ''})"
+                                         if role in adapter.fused else "")
+                           for role, path in adapter.layer_paths.items())
+        for model_type in cls.model_types:
+            lines.append(f"| `{model_type}` | {cls.families[model_type]} | {layers} |")
+    return "\n".join(lines)
 
 
 def adapter_for(model_type: str) -> Adapter:
@@ -167,28 +414,29 @@ def adapter_for(model_type: str) -> Adapter:
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls()
-    known = sorted(t for cls in ADAPTERS for t in cls.model_types)
-    raise ValueError(f"model type '{model_type}' is not supported; supported model types: {known}")
+    raise ValueError(f"model type '{model_type}' is not supported; supported model types: "
+                     f"{', '.join(supported_model_types())}")
 
 
 def prunable_parameter_count(layers: list[PrunableLayer]) -> int:
     """Weight-matrix entries of all prunable layers (biases are never counted)."""
-    return sum(layer.module.weight.numel() for layer in layers)
+    return sum(layer.weight.numel() for layer in layers)
 
 
 @torch.no_grad()
-def weight_with_bias(layer: nn.Linear) -> torch.Tensor:
-    """W with the bias appended as the last column (input 1), as the curvature sees it."""
-    W = layer.weight
+def weight_with_bias(layer: nn.Module) -> torch.Tensor:
+    """W (out, in) with the bias appended as the last column (input 1), as the curvature sees it."""
+    W = matrix(layer)
     if layer.bias is None:
         return W.clone()
     return torch.cat([W, layer.bias[:, None]], dim=1)
 
 
 @torch.no_grad()
-def set_weight_with_bias(layer: nn.Linear, W: torch.Tensor) -> None:
+def set_weight_with_bias(layer: nn.Module, W: torch.Tensor) -> None:
     """Inverse of `weight_with_bias`."""
-    C = layer.weight.shape[1]
-    layer.weight.copy_(W[:, :C].to(layer.weight.dtype))
+    weight = matrix(layer)
+    C = weight.shape[1]
+    weight.copy_(W[:, :C].to(weight.dtype))
     if layer.bias is not None:
         layer.bias.copy_(W[:, C].to(layer.bias.dtype))

@@ -222,10 +222,10 @@ def _input_statistics(method: str, block: nn.Module, layers: list[PrunableLayer]
     """Per layer, H = sum of x x^T (sparsegpt) or sum of x^2 per input (wanda) over all tokens."""
     stats, handles = {}, []
     for layer in layers:
-        Cw = layer.module.in_features
-        dtype = torch.promote_types(layer.module.weight.dtype, torch.float32)
+        Cw = layer.in_features
+        dtype = torch.promote_types(layer.weight.dtype, torch.float32)
         shape = (Cw, Cw) if method == "sparsegpt" else (Cw,)
-        stat = stats[layer.name] = torch.zeros(shape, dtype=dtype, device=layer.module.weight.device)
+        stat = stats[layer.name] = torch.zeros(shape, dtype=dtype, device=layer.weight.device)
 
         def accumulate(module, args, output, stat=stat, Cw=Cw):
             x = args[0].reshape(-1, Cw).to(stat.dtype)
@@ -268,7 +268,7 @@ def prune_layerwise(model: nn.Module, layers: list[PrunableLayer], batches: list
             block_layers = [layer for layer in layers if layer.block == i]
             stats = _input_statistics(method, blocks[i], block_layers, calls)
             for layer in block_layers:
-                weight, stat, before = layer.module.weight, stats[layer.name], removed.get(layer.name)
+                weight, stat, before = layer.weight, stats[layer.name], removed.get(layer.name)
                 if method == "sparsegpt":
                     W, mask = sparsegpt_layer(weight.to(stat.dtype), stat, before, sparsity=sparsity, n=n, m=m,
                                               blocksize=blocksize, percdamp=percdamp)

@@ -34,21 +34,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, Part, adapter_for, conv1d, matrix
 
 KEY = "surgeon_compact"   # config.json entry of a compacted model
 FORMAT = 1
 
 
 @torch.no_grad()
-def _live_rows(linear: nn.Linear) -> Tensor:
-    live = (linear.weight != 0).any(1)
-    return live | (linear.bias != 0) if linear.bias is not None else live
+def _live_rows(part: Part) -> Tensor:
+    live = (part.weight != 0).any(1)
+    return live | (part.bias != 0) if part.bias is not None else live
 
 
 @torch.no_grad()
-def _live_cols(linear: nn.Linear) -> Tensor:
-    return (linear.weight != 0).any(0)
+def _live_cols(part: Part) -> Tensor:
+    return (part.weight != 0).any(0)
 
 
 def _keep(live: Tensor, n: int) -> Tensor:
@@ -74,8 +74,8 @@ class BlockPlan:
                 "mlp": len(self.mlp)}
 
 
-def _module(block: nn.Module, adapter: Adapter, role: str) -> nn.Linear:
-    return block.get_submodule(adapter.layer_paths[role])
+def _part(block: nn.Module, adapter: Adapter, role: str) -> Part:
+    return adapter.part(block, role)
 
 
 def _maps_zero_to_zero(activation: nn.Module) -> bool:
@@ -87,15 +87,16 @@ def _fold_constants(adapter: Adapter, block: nn.Module) -> None:
     """Rows with zero weights but a bias give every token the same value: add what they contribute to the next
     layer's bias and zero them, so that they are dead rows. Exact for value rows because attention weights sum
     to one, and for MLP units whose every input row is constant."""
-    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    lin = lambda role: _part(block, adapter, role)  # noqa: E731
     v, out = lin("v"), lin(adapter.attention_out)
     if v.bias is not None and out.bias is not None:
         H, K, d = adapter.heads(block.get_submodule(adapter.attention_path))
-        const = ~(v.weight != 0).any(1) & (v.bias != 0)
+        v_bias = v.bias
+        const = ~(v.weight != 0).any(1) & (v_bias != 0)
         if const.any():
-            values = torch.where(const, v.bias, 0).view(K, d)[torch.arange(H, device=const.device) // (H // K)]
-            out.bias += out.weight @ values.flatten()
-            v.bias[const] = 0
+            values = torch.where(const, v_bias, 0).view(K, d)[torch.arange(H, device=const.device) // (H // K)]
+            out.module.bias += out.weight @ values.flatten()
+            v.module.bias[v.index(const).to(v_bias.device)] = 0
     inputs = [lin(adapter.mlp_activated)] + ([lin(adapter.mlp_multiplied)] if adapter.mlp_multiplied else [])
     down = lin(adapter.mlp_out)
     if down.bias is None or any(m.bias is None for m in inputs):
@@ -106,9 +107,9 @@ def _fold_constants(adapter: Adapter, block: nn.Module) -> None:
         value = value * m.bias
     const &= torch.stack([m.bias != 0 for m in inputs]).any(0)
     if const.any():
-        down.bias += down.weight[:, const] @ value[const]
+        down.module.bias += down.weight[:, const] @ value[const]
         for m in inputs:
-            m.bias[const] = 0
+            m.module.bias[m.index(const).to(const.device)] = 0
 
 
 @torch.no_grad()
@@ -117,7 +118,7 @@ def plan_block(adapter: Adapter, block: nn.Module, at_least: dict | None = None)
     stock modules need; `at_least` (kv_heads, per_group, head_dim, mlp) pads further, to shapes shared by all
     blocks."""
     at_least = at_least or {}
-    lin = lambda role: _module(block, adapter, role)  # noqa: E731
+    lin = lambda role: _part(block, adapter, role)  # noqa: E731
     H, K, d = adapter.heads(block.get_submodule(adapter.attention_path))
     G = H // K
     kv_of = torch.arange(H) // G
@@ -156,17 +157,20 @@ def _flat(heads: Tensor, dims: Tensor, d: int) -> Tensor:
 
 
 @torch.no_grad()
-def _linear(old: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
-            shape: tuple[int, int] | None = None) -> nn.Linear:
-    """A new Linear holding rows/cols of `old` (bias follows the rows), or an empty one of `shape` (out, in)."""
-    out_f, in_f = shape or (len(rows) if rows is not None else old.out_features,
-                            len(cols) if cols is not None else old.in_features)
-    new = nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+def _linear(old: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None,
+            shape: tuple[int, int] | None = None) -> nn.Module:
+    """A new layer of `old`'s class (Linear or Conv1D) holding rows/cols of `old` (bias follows the rows), or an
+    empty one of `shape` (out, in)."""
+    W = matrix(old)
+    out_f, in_f = shape or (len(rows) if rows is not None else W.shape[0], len(cols) if cols is not None else W.shape[1])
+    if conv1d(old):
+        new = type(old)(out_f, in_f).to(device=old.weight.device, dtype=old.weight.dtype)
+    else:
+        new = nn.Linear(in_f, out_f, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
     if shape is None:
-        W = old.weight
         W = W[rows.to(W.device)] if rows is not None else W
         W = W[:, cols.to(W.device)] if cols is not None else W
-        new.weight.copy_(W)
+        matrix(new).copy_(W)
         if old.bias is not None:
             new.bias.copy_(old.bias[rows.to(W.device)] if rows is not None else old.bias)
     return new
@@ -177,23 +181,33 @@ def _replace(block: nn.Module, path: str, module: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, name, module)
 
 
+def _rows_per_layer(adapter: Adapter, block: nn.Module, part_rows: dict[str, Tensor], d: int) -> dict[str, Tensor]:
+    """Each layer role's kept rows (indices into its module) from each part role's kept rows (indices into the
+    part): a fused layer's parts are joined in its own layout."""
+    out = {}
+    for role, rows in part_rows.items():
+        home = adapter.home(role)
+        if home == role:
+            out[role] = rows
+    for home, spec in adapter.fused.items():
+        selected = {role: _part(block, adapter, role).rows[part_rows[role]] for role in spec.parts}
+        out[home] = spec.join(selected, d)
+    return out
+
+
 def _apply(adapter: Adapter, block: nn.Module, plan: BlockPlan) -> None:
     attention = block.get_submodule(adapter.attention_path)
     H, K, d = adapter.heads(attention)
-    P = adapter.layer_paths
-    lin = lambda role: _module(block, adapter, role)  # noqa: E731
-    new = {
-        "q": _linear(lin("q"), rows=_flat(plan.heads, plan.q_dims, d)),
-        "k": _linear(lin("k"), rows=_flat(plan.kv_heads, plan.k_dims, d)),
-        "v": _linear(lin("v"), rows=_flat(plan.kv_heads, plan.v_dims, d)),
-        adapter.attention_out: _linear(lin(adapter.attention_out), cols=_flat(plan.heads, plan.o_dims, d)),
-        adapter.mlp_activated: _linear(lin(adapter.mlp_activated), rows=plan.mlp),
-        adapter.mlp_out: _linear(lin(adapter.mlp_out), cols=plan.mlp),
-    }
+    part_rows = {"q": _flat(plan.heads, plan.q_dims, d), "k": _flat(plan.kv_heads, plan.k_dims, d),
+                 "v": _flat(plan.kv_heads, plan.v_dims, d), adapter.mlp_activated: plan.mlp}
     if adapter.mlp_multiplied:
-        new[adapter.mlp_multiplied] = _linear(lin(adapter.mlp_multiplied), rows=plan.mlp)
+        part_rows[adapter.mlp_multiplied] = plan.mlp
+    rows = _rows_per_layer(adapter, block, part_rows, plan.q_dims.shape[1])
+    cols = {adapter.attention_out: _flat(plan.heads, plan.o_dims, d), adapter.mlp_out: plan.mlp}
+    new = {role: _linear(block.get_submodule(adapter.layer_paths[role]), rows=rows.get(role), cols=cols.get(role))
+           for role in (*rows, *cols)}
     for role, module in new.items():
-        _replace(block, P[role], module)
+        _replace(block, adapter.layer_paths[role], module)
     shape = plan.shape()
     adapter.set_heads(attention, shape["heads"], shape["kv_heads"], shape["head_dim"])
 
@@ -201,16 +215,20 @@ def _apply(adapter: Adapter, block: nn.Module, plan: BlockPlan) -> None:
 def _resize_empty(adapter: Adapter, block: nn.Module, shape: dict) -> None:
     """Give one block the module sizes of `shape` (uninitialized weights), for loading a compacted model."""
     attention = block.get_submodule(adapter.attention_path)
-    hd, P = shape["head_dim"], adapter.layer_paths
-    lin = lambda role: _module(block, adapter, role)  # noqa: E731
-    sizes = {"q": (shape["heads"] * hd, None), "k": (shape["kv_heads"] * hd, None),
-             "v": (shape["kv_heads"] * hd, None), adapter.attention_out: (None, shape["heads"] * hd),
-             adapter.mlp_activated: (shape["mlp"], None), adapter.mlp_out: (None, shape["mlp"])}
+    hd = shape["head_dim"]
+    rows = {"q": shape["heads"] * hd, "k": shape["kv_heads"] * hd, "v": shape["kv_heads"] * hd,
+            adapter.mlp_activated: shape["mlp"]}
     if adapter.mlp_multiplied:
-        sizes[adapter.mlp_multiplied] = (shape["mlp"], None)
-    for role, (out_f, in_f) in sizes.items():
-        old = lin(role)
-        _replace(block, P[role], _linear(old, shape=(out_f or old.out_features, in_f or old.in_features)))
+        rows[adapter.mlp_multiplied] = shape["mlp"]
+    out_rows = {}
+    for role, n in rows.items():
+        home = adapter.home(role)
+        out_rows[home] = out_rows.get(home, 0) + n
+    cols = {adapter.attention_out: shape["heads"] * hd, adapter.mlp_out: shape["mlp"]}
+    for role in (*out_rows, *cols):
+        old = block.get_submodule(adapter.layer_paths[role])
+        R, C = matrix(old).shape
+        _replace(block, adapter.layer_paths[role], _linear(old, shape=(out_rows.get(role, R), cols.get(role, C))))
     adapter.set_heads(attention, shape["heads"], shape["kv_heads"], hd)
 
 
@@ -222,7 +240,7 @@ def parameter_count(model: nn.Module) -> int:
 @torch.no_grad()
 def _zeros(adapter: Adapter, model: nn.Module) -> tuple[int, int]:
     layers = adapter.layers(model)
-    return (sum(int((l.module.weight == 0).sum()) for l in layers), sum(l.module.weight.numel() for l in layers))
+    return (sum(int((l.weight == 0).sum()) for l in layers), sum(l.weight.numel() for l in layers))
 
 
 @torch.no_grad()
@@ -237,7 +255,7 @@ def compact(model: nn.Module, uniform: bool = False) -> dict:
     before = parameter_count(model)
     zeros_before, _ = _zeros(adapter, model)
     heads_total = sum(adapter.heads(b.get_submodule(adapter.attention_path))[0] for b in blocks)
-    mlp_total = sum(_module(b, adapter, adapter.mlp_out).in_features for b in blocks)
+    mlp_total = sum(_part(b, adapter, adapter.mlp_out).weight.shape[1] for b in blocks)
     for block in blocks:
         _fold_constants(adapter, block)
     dense = [adapter.heads(b.get_submodule(adapter.attention_path)) for b in blocks]
@@ -290,11 +308,28 @@ def _read_config(path: Path) -> dict:
     if entry.get("format") != FORMAT:
         raise NotCompactModel(f"{path}/config.json: {KEY} format {entry.get('format')} is not the format this "
                               f"version reads ({FORMAT})")
-    n = config.get("num_hidden_layers")
+    n = next((c["num_hidden_layers"] if "num_hidden_layers" in c else c.get("n_layer")
+              for c in (config.get("text_config") or config, config) if "num_hidden_layers" in c or "n_layer" in c),
+             None)
     if len(entry["layers"]) != n:
         raise NotCompactModel(f"{path}/config.json: {KEY} lists {len(entry['layers'])} blocks, num_hidden_layers "
                               f"is {n}")
     return config
+
+
+def _renamed(state: dict, model: nn.Module) -> dict:
+    """Checkpoint keys as the model names them: transformers' own renamings for the family (GPT-NeoX saves its
+    `lm_head` as `embed_out`), as `from_pretrained` applies them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    out = {}
+    for key, value in state.items():
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        out[key] = value
+    return out
 
 
 def load_compact(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -318,6 +353,7 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu", dtype: to
     state = {}
     for f in files:
         state.update(load_file(f, device=str(device)))
+    state = _renamed(state, model)
     expected = model.state_dict()
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(state) - tied)
@@ -337,7 +373,11 @@ def load_compact(path: str | Path, device: str | torch.device = "cpu", dtype: to
         model.generation_config = GenerationConfig.from_pretrained(path)
     for module in model.modules():  # buffers not in the checkpoint (rotary frequencies) from the config
         if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False)):
-            model._init_weights(module)
+            loaded = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)}
+            model._init_weights(module)  # also draws the module's parameters (Gemma's scaled embedding): put back
+            with torch.no_grad():
+                for name, p in module.named_parameters(recurse=False):
+                    p.copy_(loaded[name])
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 from pathlib import Path
@@ -253,6 +254,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
                 if Path(path).stat().st_size == 0:
                     raise ConfigError(f"data.{key}={path} is empty")
         check_model_source(cfg)
+        check_model_type(cfg)
         check_memory(cfg)
         if cfg.eval.lm_eval.tasks:
             _check_lm_eval_tasks(cfg)
@@ -457,6 +459,28 @@ def check_memory(cfg: DictConfig) -> None:
         hints = memory.fix_hints(config, need, have, offload_ok=not place, **settings)
         raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {room}; "
                           f"try {' or '.join(hints)}")
+
+
+def check_model_type(cfg: DictConfig) -> None:
+    """Refuse a model family without an adapter from its config alone (config.json's `model_type`, or a GGUF
+    file's header), before the tokenizer or any weight is read; a config that cannot be read without a download
+    is checked when the model loads."""
+    from .adapters import adapter_for
+
+    config = _model_config(cfg)
+    model_type = getattr(config, "model_type", None)
+    path = Path(model_path(cfg)) / "config.json"
+    if model_type is None and path.is_file():  # a type transformers itself does not know
+        try:
+            model_type = json.loads(path.read_text()).get("model_type")
+        except (OSError, ValueError):
+            raise ConfigError(f"model.name_or_path: {path} is not readable JSON") from None
+    if model_type is None:
+        return
+    try:
+        adapter_for(model_type)
+    except ValueError as err:
+        raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: {err}") from None
 
 
 def run_settings(cfg: DictConfig) -> dict:

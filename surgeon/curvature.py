@@ -101,7 +101,7 @@ class _LayerStats:
         self.dtype = dtype
         self.accumulate = accumulate or dtype  # dtype of the sums; each batch's products are in `dtype`
         self.store = store  # where the sums live: the layer's device, or the host (curvature.offload=cpu)
-        self.bias = layer.module.bias is not None
+        self.bias = layer.bias is not None
         self.n = 0  # tokens seen in the current pass
         self.A: Tensor | None = None
         self.G: Tensor | None = None
@@ -130,7 +130,7 @@ class _LayerStats:
 
     def _forward(self, mode: str, module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         """The forward half of the hook (see forward_hook)."""
-        X = inputs[0].detach().reshape(-1, module.in_features).to(self.dtype)
+        X = inputs[0].detach().reshape(-1, self.layer.in_features).to(self.dtype)
         X = with_bias_input(X, self.bias)
         self.n += X.shape[0]
         if mode == "diag":
@@ -150,7 +150,7 @@ class _LayerStats:
         """Backward hook: G and/or the G2 half-step, whose token weights w = a^T A2 a came from the forward."""
 
         def hook(grad: Tensor) -> None:
-            Y = grad.detach().reshape(-1, self.layer.module.out_features).to(self.dtype)
+            Y = grad.detach().reshape(-1, self.layer.out_features).to(self.dtype)
             if mode.startswith("kfac"):
                 self._add("G", Y.T @ Y)
             if w is not None:
@@ -162,7 +162,7 @@ class _LayerStats:
         """Backward hook of the A2 half-step: token weights g^T G2 g on the forward's inputs X."""
 
         def hook(grad: Tensor) -> None:
-            Y = grad.detach().reshape(-1, self.layer.module.out_features).to(self.dtype)
+            Y = grad.detach().reshape(-1, self.layer.out_features).to(self.dtype)
             self._add("S", X.T @ (((Y @ self.G2) * Y).sum(dim=1, keepdim=True) * X))
 
         return hook
@@ -232,22 +232,22 @@ def estimate_curvature(
     stats = {layer.name: _LayerStats(layer, dtype, store, sums) for layer in layers}
     finish = lambda *names: _finish_pass(stats, names, sum_, dtype, device)  # noqa: E731
 
-    ones = lambda n, s: torch.ones(n, dtype=dtype, device=s.layer.module.weight.device)  # noqa: E731 - diagonal of I
+    ones = lambda n, s: torch.ones(n, dtype=dtype, device=s.layer.weight.device)  # noqa: E731 - diagonal of I
     if kind == "identity":
-        return {s.layer.name: Factors(A=ones(s.layer.module.in_features + s.bias, s),
-                                      G=ones(s.layer.module.out_features, s)) for s in stats.values()}
+        return {s.layer.name: Factors(A=ones(s.layer.in_features + s.bias, s),
+                                      G=ones(s.layer.out_features, s)) for s in stats.values()}
 
     _share_inputs(model, stats, batches[0].to(device))
     if kind == "diag_a":
         _run_pass(model, stats, batches, "diag", fisher, seed, device, progress, precision)
         finish("A")
         _alias_shared(stats, lambda s: s.A / s.n)
-        return {name: Factors(A=s.A, G=ones(s.layer.module.out_features, s)) for name, s in stats.items()}
+        return {name: Factors(A=s.A, G=ones(s.layer.out_features, s)) for name, s in stats.items()}
 
     if rank == 2:
         generators = {}  # one seeded stream per device: on one device the same draws as ever
         for s in stats.values():
-            C, where = s.layer.module.in_features + s.bias, s.layer.module.weight.device
+            C, where = s.layer.in_features + s.bias, s.layer.weight.device
             if where not in generators:
                 generators[where] = torch.Generator(device=where).manual_seed(seed)
             X = torch.randn(C, C, generator=generators[where], device=where, dtype=dtype)

@@ -38,7 +38,7 @@ def lora_correction(model: nn.Module, layers: list[PrunableLayer], batches: list
     generator = torch.Generator().manual_seed(seed)
     adapters = []
     for layer in layers:
-        W = layer.module.weight
+        W = layer.weight
         R, C = W.shape
         removed = masks.get(layer.name, torch.zeros(R, C, dtype=torch.bool))
         if removed.shape != W.shape:
@@ -81,5 +81,5 @@ def lora_correction(model: nn.Module, layers: list[PrunableLayer], batches: list
         model.train(was_training)
     with torch.no_grad():
         for layer, A, B, removed in adapters:
-            layer.module.weight += (B @ A).masked_fill(removed, 0)
+            layer.weight.add_((B @ A).masked_fill(removed, 0))
     return losses

@@ -68,8 +68,8 @@ def layer_shapes(config) -> list[LayerShape]:
         model = AutoModelForCausalLM.from_config(config)
     out, owners = [], {}
     for layer in adapter_for(config.model_type).layers(model):
-        R, C = layer.module.weight.shape
-        bias = layer.module.bias is not None
+        R, C = layer.weight.shape
+        bias = layer.bias is not None
         group = next((g for g in SHARED_INPUTS if layer.type in g), None)
         owner = owners.setdefault((layer.block, group, C, bias), layer.name) if group else layer.name
         out.append(LayerShape(layer.name, layer.type, layer.block, R, C + bias,
@@ -107,9 +107,12 @@ def estimate(config, *, dtype: str = "float32", kind: str = "kfac", rank: int = 
     the curvature pass sums in float64 (counted for every phase: an upper bound)."""
     w = BYTES[dtype]
     stats = 8 if dtype == "float64" else 4  # statistics and OBS algebra: float32 at least
+    from .adapters import adapter_for
+
     shapes = layer_shapes(config)
-    d, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * d)
+    sizes = adapter_for(config.model_type).text_config(config)  # a multimodal checkpoint: its text tower's
+    d, V, L = sizes.hidden_size, sizes.vocab_size, sizes.num_hidden_layers
+    ffn = getattr(sizes, "intermediate_size", None) or getattr(sizes, "ffn_dim", None) or 4 * d
     weights = parameter_count(config) * w
 
     if layerwise:  # SparseGPT/Wanda: one block's statistics; calibration hidden states in and out of a block
@@ -150,7 +153,7 @@ def _activations(config, B: int, T: int, w: int, d: int, ffn: int, L: int, V: in
     ffn-wide per token; attention runs through SDPA, which keeps no T x T scores), and the logits with their
     float32 loss copies."""
     tokens = B * T
-    gated = config.model_type != "opt"  # Llama-family MLPs keep gate, up, act(gate) and their product
+    gated = config.model_type not in ("opt", "gpt2", "gpt_neox")  # gated MLPs keep gate, up, act(gate), product
     per_block = tokens * ((10 * d + 5 * ffn) if gated else (8 * d + 3 * ffn)) * w
     kept = L * per_block if backward else 2 * per_block
     logits = tokens * V * (w + 4 * (3 if backward else 2))

@@ -88,6 +88,16 @@ def devices(model) -> list[torch.device]:
     return sorted({p.device for p in model.parameters()}, key=str)
 
 
+def attention(path: str, kwargs: dict) -> str:
+    """Attention through scaled_dot_product_attention (its memory-efficient kernels on CUDA) where the family's
+    class supports it; "eager" where it does not (Gemma 2: soft-capped attention logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
+
 def load_model(cfg, device: torch.device):
     """Model in `model.dtype` (float32 for curvature) on `device` in eval mode, or placed by `model.device_map`
     (`placement`; then `device` is unused). A GGUF file is de-quantized into plain `nn.Linear` weights, and the
@@ -101,10 +111,10 @@ def load_model(cfg, device: torch.device):
         # dequantize=True: dense float weights, never GGUF blocks (with the `kernels` package transformers keeps
         # supported architectures packed); transformers then also drops its quantizer after loading
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    # attention through scaled_dot_product_attention (its memory-efficient kernels on CUDA)
     place = placement(cfg)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype), attn_implementation="sdpa",
-                                                 **kwargs, **place)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype),
+                                                 attn_implementation=attention(path, _source(cfg)[1]), **kwargs,
+                                                 **place)
     drop_gguf_quantization(model)
     model.config.use_cache = False
     if place:

@@ -106,8 +106,8 @@ class PruneState:
     def empty(cls, layers: list[PrunableLayer]) -> "PruneState":
         removed, rows, cols = {}, {}, {}
         for layer in layers:
-            R, C = layer.module.weight.shape
-            device = layer.module.weight.device
+            R, C = layer.weight.shape
+            device = layer.weight.device
             removed[layer.name] = torch.zeros(R, C, dtype=torch.bool, device=device)
             rows[layer.name] = torch.zeros(R, dtype=torch.bool, device=device)
             cols[layer.name] = torch.zeros(C, dtype=torch.bool, device=device)
@@ -121,7 +121,7 @@ class PruneState:
     @classmethod
     def from_state_dict(cls, sd: dict, layers: list[PrunableLayer]) -> "PruneState":
         """Masks saved on the host (`state_dict`), each back on its layer's device."""
-        where = {layer.name: layer.module.weight.device for layer in layers}
+        where = {layer.name: layer.weight.device for layer in layers}
         move = lambda d: {k: v.to(where[k]) for k, v in d.items()}  # noqa: E731
         return cls(move(sd["removed"]), move(sd["rows"]), move(sd["cols"]), dict(sd.get("work", {})))
 
@@ -130,9 +130,9 @@ class PruneState:
 def apply_masks(layers: list[PrunableLayer], state: PruneState) -> None:
     """Removed entries are exactly zero; a removed row takes its bias with it."""
     for layer in layers:
-        layer.module.weight[state.removed[layer.name]] = 0
-        if layer.module.bias is not None:
-            layer.module.bias[state.rows[layer.name]] = 0
+        layer.weight[state.removed[layer.name]] = 0
+        if layer.bias is not None:
+            layer.bias[state.rows[layer.name]] = 0
 
 
 class NonFiniteWeights(RuntimeError):
@@ -143,7 +143,7 @@ class NonFiniteWeights(RuntimeError):
 def check_finite(layers: list[PrunableLayer], when: str) -> None:
     """Raise NonFiniteWeights naming the first layer whose weight or bias is not finite."""
     for layer in layers:
-        for tensor in (layer.module.weight, layer.module.bias):
+        for tensor in (layer.weight, layer.bias):
             if tensor is not None and not torch.isfinite(tensor).all():
                 bad = (~torch.isfinite(tensor)).sum().item()
                 raise NonFiniteWeights(f"layer {layer.name} has {bad} non-finite weights {when}; the last "
@@ -153,13 +153,13 @@ def check_finite(layers: list[PrunableLayer], when: str) -> None:
 @torch.no_grad()
 def layer_sparsity(layers: list[PrunableLayer]) -> list[float]:
     """Fraction of exactly-zero weight entries per layer (biases not counted)."""
-    return [(layer.module.weight == 0).sum().item() / layer.module.weight.numel() for layer in layers]
+    return [(layer.weight == 0).sum().item() / layer.weight.numel() for layer in layers]
 
 
 @torch.no_grad()
 def overall_sparsity(layers: list[PrunableLayer]) -> float:
-    zeros = sum((layer.module.weight == 0).sum().item() for layer in layers)
-    return zeros / sum(layer.module.weight.numel() for layer in layers)
+    zeros = sum((layer.weight == 0).sum().item() for layer in layers)
+    return zeros / sum(layer.weight.numel() for layer in layers)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,7 +173,7 @@ def _solver(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS:
     W = weight_with_bias(layer.module)
     f = f.to(W.device).dense()
     return LayerOBS(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
-                    has_bias=layer.module.bias is not None, A2=f.A2, G2=f.G2,
+                    has_bias=layer.bias is not None, A2=f.A2, G2=f.G2,
                     undamped_numerators=opts.undamped_numerators)
 
 
@@ -183,7 +183,7 @@ def _scorer(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS | LayerOBD:
         W = weight_with_bias(layer.module)
         f = f.to(W.device)
         return LayerOBD(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
-                        has_bias=layer.module.bias is not None)
+                        has_bias=layer.bias is not None)
     return _solver(layer, f, opts)
 
 
@@ -273,7 +273,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
             state.removed[name] = rows[name][:, None] | cols[name][None, :]
     else:
         # element costs stay with their owner: the threshold is found from counts combined over the ranks
-        split = Split([l.name for l in layers], sum(l.module.weight.numel() for l in layers),
+        split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
                       distributed.reduce_ints) if distributed.active() else None
         costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
         removed = {layer.name: state.removed[layer.name] for layer in mine}
@@ -344,7 +344,7 @@ def _lap(devices):
 
 def _work(layer: PrunableLayer) -> float:
     """A layer's share of a shot's solves, for dividing layers over processes: its factorisations, R^3 + C^3."""
-    R, C = layer.module.weight.shape
+    R, C = layer.weight.shape
     return float(R) ** 3 + float(C) ** 3
 
 

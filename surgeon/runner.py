@@ -282,11 +282,18 @@ def _prepare(job: Job, ckpt: dict | None) -> Job:
     _reset_peaks([job.device])
     job.model = models.load_model(cfg, job.device)
     job.devices = models.devices(job.model)
-    job.layers = adapter_for(job.model.config.model_type).layers(job.model)
+    adapter = adapter_for(job.model.config.model_type)
+    job.layers = adapter.layers(job.model)
     record["protocol"]["eval"]["windows"] = job.data.eval_windows.shape[0]
     record["protocol"]["prunable_params"] = prunable_parameter_count(job.layers)
     record["layers"] = [{"name": l.name, "type": l.type, "block": l.block, "shape": list(l.shape), "sparsity": 0.0}
                         for l in job.layers]
+    blocks = adapter.blocks(job.model)
+    for entry, layer in zip(record["layers"], job.layers):  # a fused layer: which of its rows are which part's
+        if layer.type in adapter.fused:
+            groups = adapter.row_groups(layer, blocks[layer.block])
+            entry["parts"] = {"layout": "per_head" if adapter.fused[layer.type].per_head else "concat",
+                              "rows": {role: len(rows) for role, rows in groups.items()}}
     if cfg.model.get("device_map") is not None:  # where accelerate put each module (per block, typically)
         record["device_map"] = models.placed(job.model)
     if ckpt:

@@ -1,7 +1,7 @@
 """KFAC factors from hooks against per-token gradients computed one sequence at a time."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Phi3Config
 
 from surgeon.adapters import adapter_for
 from surgeon.curvature import estimate_curvature, sequence_loss
@@ -17,15 +17,27 @@ def tiny_model(family: str) -> torch.nn.Module:
             num_attention_heads=4, max_position_embeddings=T, enable_bias=True, init_std=0.2,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
         )
-    else:
+    elif family == "llama":
         config = LlamaConfig(
             vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=T, initializer_range=0.2,
         )
+    else:  # the fused layers: Phi-3 qkv_proj and gate_up_proj, GPT-2 Conv1D c_attn, GPT-NeoX query_key_value
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = {
+            "phi3": lambda: Phi3Config(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T,
+                                       initializer_range=0.2, **ids),
+            "gpt2": lambda: GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=T,
+                                       initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids),
+            "gpt_neox": lambda: GPTNeoXConfig(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=T, initializer_range=0.2,
+                                              hidden_dropout=0.0, attention_dropout=0.0, **ids),
+        }[family]()
     return AutoModelForCausalLM.from_config(config).to(torch.float64)
 
 
-@pytest.fixture(scope="module", params=["opt", "llama"])
+@pytest.fixture(scope="module", params=["opt", "llama", "phi3", "gpt2", "gpt_neox"])
 def setup(request):
     model = tiny_model(request.param)
     layers = adapter_for(model.config.model_type).layers(model)
@@ -95,7 +107,7 @@ def test_bias_folded_as_trailing_constant_input(setup):
     factors = estimate_curvature(model, layers, [ids])
     for layer in layers:
         A = factors[layer.name].A
-        C = layer.module.in_features
+        C = layer.in_features
         if layer.module.bias is None:
             assert A.shape == (C, C)
             continue
@@ -131,7 +143,7 @@ def test_diag_a_and_identity_kinds(setup):
     ident = estimate_curvature(model, layers, [torch.full((1, T), V + 5)], kind="identity")
     for layer in layers:
         a, _ = vectors[layer.name]
-        R, C = layer.module.out_features, a.shape[1]
+        R, C = layer.out_features, a.shape[1]
         # diagonal curvatures are kept as their diagonals, never as C x C matrices
         torch.testing.assert_close(diag[layer.name].A, (a * a).mean(0), rtol=1e-10, atol=1e-12)
         assert torch.equal(diag[layer.name].G, torch.ones(R, dtype=torch.float64))
@@ -156,8 +168,10 @@ def test_layers_reading_one_input_share_one_A(setup, kind):
     shared = sorted(sorted(types) for types in groups.values() if len(types) > 1)
     if model.config.model_type == "opt":
         assert shared == [["k", "q", "v"]] * 2
-    else:
+    elif model.config.model_type == "llama":
         assert shared == [["gate", "up"]] * 2 + [["k", "q", "v"]] * 2
+    else:  # a fused layer is one layer with one A
+        assert shared == []
 
 
 def test_sampled_fisher_is_seeded_and_differs_from_empirical(setup):
@@ -183,12 +197,12 @@ def rearranged(M, R, C):
 
 def test_rank2_term_fits_the_per_token_fisher(setup):
     model, layers, ids, vectors = setup
-    layer = next(layer for layer in layers if layer.type == "k")
+    layer = next(layer for layer in layers if layer.type in ("k", "qkv"))  # qkv: fused
     a, g = vectors[layer.name]
     R, C = g.shape[1], a.shape[1]
     batches = list(ids.split(3))
     few = estimate_curvature(model, [layer], batches, rank=2, rank2_iters=3)[layer.name]
-    many = estimate_curvature(model, [layer], batches, rank=2, rank2_iters=30)[layer.name]
+    many = estimate_curvature(model, [layer], batches, rank=2, rank2_iters=100)[layer.name]
     residual = dense_fisher(a, g) - torch.kron(few.G, few.A)
     # best Kronecker term of the residual: leading singular pair of its rearrangement
     sigma = torch.linalg.svdvals(rearranged(residual, R, C))
