@@ -97,6 +97,7 @@ MATRIX = [
     ("surgeon", "unstructured", ("curvature.rank=2", "curvature.rank2_iters=1", "update.solver=grouped")),
     ("surgeon", "structured", ("curvature.rank=2", "curvature.rank2_iters=1")),
     ("surgeon", "structured", ("correlation=independent",)), ("surgeon", "unstructured", ("correlation=independent",)),
+    ("surgeon", "unstructured", ("lora.enabled=true", "lora.steps=2")),
     ("kobd", "unstructured", ()), ("kobd", "structured", ()), ("lobd", "semistructured", ()),
     ("lobd", "structured", ()), ("magnitude", "unstructured", ()), ("magnitude", "structured", ()),
     ("sparsegpt", "unstructured", ()), ("sparsegpt", "semistructured", ("shots=1",)),
@@ -249,3 +250,145 @@ def test_parts_cover_the_adapters_fused_roles():
         adapter = cls()
         for role, spec in adapter.fused.items():
             assert role in adapter.layer_paths and all(adapter.home(part) == role for part in spec.parts)
+
+
+# --- brute force: fused layers and Conv1D (float64, small layers) -------------------------------------------------
+
+def small(model_type: str) -> torch.nn.Module:
+    """A float64 model small enough for a dense Fisher of its fused layer (hidden 8, two heads)."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    config = {
+        "phi3": lambda: T.Phi3Config(vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, initializer_range=0.3, **ids),
+        "gpt2": lambda: T.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16,
+                                     initializer_range=0.3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids),
+        "gpt_neox": lambda: T.GPTNeoXConfig(vocab_size=32, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                                            num_attention_heads=2, initializer_range=0.3, hidden_dropout=0.0,
+                                            attention_dropout=0.0, **ids),
+    }[model_type]()
+    return T.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2", "gpt_neox"])
+def test_fused_row_costs_and_updates_equal_the_dense_obs_solve(model_type):
+    """The fused q/k/v layer is one Kronecker-factored layer: its row costs and the joint update of rows from every
+    part (and a column) equal the brute-force OBS solve on kron(G_d, A_d); its factors equal the per-token sums
+    (also checked for every layer in test_curvature.py's KFAC test)."""
+    from test_curvature import outer_mean, per_token_vectors
+    from test_obs import DA, DG, Dense
+
+    from surgeon.adapters import weight_with_bias
+    from surgeon.curvature import estimate_curvature
+    from surgeon.obs import LayerOBS
+
+    model = small(model_type)
+    adapter = adapter_for(model_type)
+    layer = adapter.layers(model)[0]
+    assert layer.type == "qkv"
+    ids = torch.randint(0, 32, (6, 8), generator=torch.Generator().manual_seed(1))
+    f = estimate_curvature(model, [layer], list(ids.split(3)))[layer.name]
+    a, g = per_token_vectors(model, [layer], ids)[layer.name]
+    torch.testing.assert_close(f.A, outer_mean(a), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.G, outer_mean(g), rtol=1e-10, atol=1e-14)
+
+    W = weight_with_bias(layer.module)
+    has_bias = layer.bias is not None
+    o, d = LayerOBS(W, f.A, f.G, damping_a=DA, damping_g=DG, has_bias=has_bias), Dense(W, f.A, f.G)
+    R, C = W.shape
+    rows = []
+    for r in range(R):
+        m = torch.zeros(R, C, dtype=torch.bool)
+        m[r] = True
+        rows.append(d.cost(d.q_mask(m)))
+    torch.testing.assert_close(o.row_costs(), torch.tensor(rows, dtype=W.dtype), rtol=1e-10, atol=1e-12)
+
+    groups = adapter.row_groups(layer, adapter.blocks(model)[0])
+    removed_rows = torch.zeros(R, dtype=torch.bool)
+    removed_rows[[int(groups[part][1]) for part in ("q", "k", "v")]] = True  # one row of each part
+    removed_cols = torch.zeros(C - has_bias, dtype=torch.bool)
+    removed_cols[2] = True
+    full = removed_rows[:, None] | torch.cat([removed_cols, torch.zeros(int(has_bias), dtype=torch.bool)])[None, :]
+    want = d.full(d.theta + d.delta(d.q_mask(full)), full)
+    torch.testing.assert_close(o.update_rows_cols(removed_rows, removed_cols), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2"])
+def test_fused_row_costs_against_separate_layers(model_type):
+    """What fusing changes in the row costs w_r^T A w_r / (2 [G^-1]_rr) (docs/algorithm.md, fused layers): with
+    G's cross-part blocks zeroed (and no damping, which is relative to one mean diagonal over all parts) the fused
+    layer's row costs are those of separate q/k/v (gate/up) layers with their own G; with them, they differ."""
+    from surgeon.adapters import weight_with_bias
+    from surgeon.curvature import estimate_curvature
+    from surgeon.obs import LayerOBS
+
+    model = small(model_type)
+    adapter = adapter_for(model_type)
+    layer = adapter.layers(model)[0]
+    ids = torch.randint(0, 32, (8, 8), generator=torch.Generator().manual_seed(2))
+    f = estimate_curvature(model, [layer], list(ids.split(4)))[layer.name]
+    W = weight_with_bias(layer.module)
+    has_bias = layer.bias is not None
+    groups = adapter.row_groups(layer, adapter.blocks(model)[0])
+    block = torch.zeros_like(f.G)
+    for rows in groups.values():
+        block[rows[:, None], rows[None, :]] = f.G[rows[:, None], rows[None, :]]
+    costs = lambda W, G: LayerOBS(W, f.A, G, damping_a=0.01, damping_g=0.0, has_bias=has_bias).row_costs()  # noqa
+    separate = torch.zeros(W.shape[0], dtype=W.dtype)
+    for rows in groups.values():
+        separate[rows] = costs(W[rows], f.G[rows[:, None], rows[None, :]])
+    torch.testing.assert_close(costs(W, block), separate, rtol=1e-9, atol=1e-14)
+    fused = costs(W, f.G)
+    assert not torch.allclose(fused, separate, rtol=1e-3)
+    # conditioning on the other parts' outputs can only raise [G^-1]_rr: a fused row never costs more
+    assert (fused <= separate * (1 + 1e-9)).all()
+
+
+def as_linear(model: torch.nn.Module) -> torch.nn.Module:
+    """The same GPT-2 with every Conv1D replaced by the equivalent nn.Linear (weight transposed)."""
+    import copy
+
+    from surgeon.adapters import conv1d
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if conv1d(module):
+            linear = torch.nn.Linear(module.weight.shape[0], module.weight.shape[1], dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+@pytest.mark.parametrize("method, structure", [("surgeon", "unstructured"), ("surgeon", "structured"),
+                                               ("surgeon", "semistructured"), ("sparsegpt", "unstructured"),
+                                               ("wanda", "semistructured")])
+def test_conv1d_layers_prune_as_the_transposed_linear(method, structure):
+    """GPT-2's Conv1D layers get exactly the masks and updates of the equivalent nn.Linear layers."""
+    from surgeon.baselines import prune_layerwise
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    conv = small("gpt2")
+    linear = as_linear(conv)
+    ids = torch.randint(0, 32, (6, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(linear(ids).logits, conv(ids).logits, rtol=1e-12, atol=1e-12)
+    results = []
+    for model in (conv, linear):
+        layers = adapter_for("gpt2").layers(model)
+        if method == "surgeon":
+            opts = ShotOptions(structure=structure, n=2, m=4, damping_g=0.1, tol=1e-13)
+            state = PruneState.empty(layers)
+            # one shot: a second one would compare selections made from weights that differ by the CG tolerance
+            prune_shot(model, layers, list(ids.split(3)), state, 0.5 if structure != "structured" else 0.3, opts)
+            masks = state.removed
+        else:
+            masks = prune_layerwise(model, layers, list(ids.split(3)), method=method, sparsity=0.5,
+                                    **({"n": 2, "m": 4} if structure == "semistructured" else {}))
+        results.append((masks, {layer.name: (layer.weight.clone(), layer.bias.clone()) for layer in layers}))
+    (conv_masks, conv_w), (lin_masks, lin_w) = results
+    for name in conv_w:
+        assert torch.equal(conv_masks[name], lin_masks[name]), name
+        torch.testing.assert_close(conv_w[name], lin_w[name], rtol=1e-9, atol=1e-10, msg=name)
