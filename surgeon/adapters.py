@@ -273,7 +273,8 @@ class GPTNeoXAdapter(_StockHeads):
     each layer still has its own input."""
 
     model_types = ("gpt_neox",)
-    families = {"gpt_neox": "GPT-NeoX / Pythia: q/k/v fused and interleaved per head, partial rotary, parallel residual"}
+    families = {"gpt_neox": "GPT-NeoX / Pythia: q/k/v fused and interleaved per head, partial rotary, "
+                            "parallel residual"}
     blocks_path = "gpt_neox.layers"
     layer_paths = {"qkv": "attention.query_key_value", "dense": "attention.dense",
                    "h_to_4h": "mlp.dense_h_to_4h", "4h_to_h": "mlp.dense_4h_to_h"}

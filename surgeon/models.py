@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import model_path
+from .paths import model_path
 
 
 def _source(cfg) -> tuple[str, dict]:
@@ -61,7 +61,7 @@ def as_device(value) -> torch.device:
 def check_placement(device_map: dict) -> None:
     """Refuse what accelerate offloads: modules on `disk`, or on `cpu` next to GPUs, keep their weights elsewhere
     and copy them in for each forward, so pruning could not edit them in place."""
-    from .config import ConfigError
+    from .paths import ConfigError
 
     places = {str(v) for v in device_map.values()}
     offloaded = sorted(p for p in places if p == "disk" or (p == "cpu" and places != {"cpu"}))

@@ -81,7 +81,8 @@ def data(dirs):
 def run(dirs, model_type, tmp_path, name, *overrides):
     cfg = compose([f"model.name_or_path={dirs[model_type]}", "model.name=tiny", *data(dirs), "calib.n=4",
                    "calib.seq_len=32",
-                   "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=2", "eval.dense=false", "shots=2", "update.tol=1e-6",
+                   "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=2", "eval.dense=false", "shots=2",
+                   "update.tol=1e-6",
                    f"results={tmp_path}/records.jsonl", *overrides])
     return runner.run(cfg, tmp_path / name)
 
@@ -118,8 +119,8 @@ def test_conformance(model_type, family_dirs, tmp_path):
     for i, (method, structure, extra) in enumerate(MATRIX):
         target = target_of(structure)
         save = i < 3  # the three LLM Surgeon structures: save and reload
-        record = run(family_dirs, model_type, tmp_path, f"run{i}", f"method={method}", f"structure={structure}", f"target={target}",
-                     f"save_model={str(save).lower()}", *extra)
+        record = run(family_dirs, model_type, tmp_path, f"run{i}", f"method={method}", f"structure={structure}",
+                     f"target={target}", f"save_model={str(save).lower()}", *extra)
         where = f"{model_type} {method} {structure} {extra}"
         assert record["status"] == "complete", where
         largest = max(max(layer["shape"]) for layer in record["layers"])

