@@ -55,6 +55,37 @@ def _join_processes(cfg: DictConfig, run_dir: Path) -> Path:
     return run_dir
 
 
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition error as one line: its sentences joined, option lists inline."""
+    parts = []
+    for line in message.split("\nConfig search path:")[0].splitlines():
+        text = line.strip().rstrip(".")
+        if not text:
+            continue
+        if line.startswith("\t") and parts:
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + text
+        else:
+            parts.append(text)
+    return "; ".join(parts)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Hydra's own refusals (an unknown preset or key, a malformed override) in surgeon's style, before Hydra makes
+    a run folder: one line on stderr, exit 2. Multirun sweeps and Hydra's flags are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from surgeon.config import compose
+
+    try:
+        compose(argv)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from surgeon import distributed
@@ -69,7 +100,6 @@ def main(cfg: DictConfig) -> float | None:
         run_dir = _join_processes(cfg, run_dir)
         record = run(cfg, run_dir, resume_hint=resume_command(run_dir))
     except ConfigError as err:
-        log.error("config error: %s", err)
         print(f"error: {err}", file=sys.stderr)
         _remove_fresh(run_dir)
         sys.exit(2)
@@ -87,4 +117,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

@@ -460,7 +460,12 @@ def resolve_device(device: str):
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not str(device).startswith(("cpu", "cuda")):  # before validate: a run joins its process group first
+        raise ConfigError(f"device={device!r}; valid values: auto, cpu, cuda, cuda:N")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device={device!r}; valid values: auto, cpu, cuda, cuda:N") from None
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -6,8 +6,11 @@ version, which metric was read (acc_norm or acc) and num_fewshot.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
+import os
+from pathlib import Path
 
 import lm_eval
 from lm_eval.models.huggingface import HFLM
@@ -38,7 +41,8 @@ def run_lm_eval(
     device: moves the model there (in place) first; None evaluates it where it is.
     lm-eval puts the model in eval mode and reseeds python, numpy and torch.
     """
-    task_manager = check_task_names(tasks, include_path)
+    check_task_names(tasks, include_path)
+    task_manager = _task_manager(include_path)
 
     if device is not None:
         model.to(device)
@@ -62,17 +66,46 @@ def run_lm_eval(
     }
 
 
-def check_task_names(tasks: list[str], include_path: str | None) -> TaskManager:
-    """The task index (only `include_path`'s tasks when given); a ValueError for unknown task names,
-    with close matches to choose from."""
+def _task_manager(include_path: str | None) -> TaskManager:
     if include_path is None:
-        task_manager = TaskManager()
-    else:
-        task_manager = TaskManager(include_path=include_path, include_defaults=False)
-    known = task_manager.all_tasks
+        return TaskManager()
+    return TaskManager(include_path=include_path, include_defaults=False)
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "surgeon" / f"lm-eval-{lm_eval.__version__}-tasks.json"
+
+
+def known_tasks(include_path: str | None) -> set[str]:
+    """The task names lm-eval knows: a local folder's, or lm-eval's own index. That index takes 10-14 s to build,
+    so its names are cached per lm-eval version (`~/.cache/surgeon/lm-eval-<version>-tasks.json`, written
+    atomically): a bad task name is refused in a second from the second check on."""
+    if include_path is not None:
+        return set(_task_manager(include_path).all_tasks)
+    cache = _cache_file()
+    try:
+        return set(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
+    names = sorted(_task_manager(None).all_tasks)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(names))
+        tmp.replace(cache)
+    except OSError:  # a read-only home: no cache, the check still holds
+        pass
+    return set(names)
+
+
+def check_task_names(tasks: list[str], include_path: str | None) -> None:
+    """A ValueError for task names lm-eval does not know (only `include_path`'s tasks when given), with close
+    matches to choose from."""
+    known = known_tasks(include_path)
     unknown = [t for t in tasks if t not in known]
     if not unknown:
-        return task_manager
+        return
     where = f"the task folder {include_path!r}" if include_path else "lm-eval's task index"
     close = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3)})
     raise ValueError(
@@ -81,7 +114,6 @@ def check_task_names(tasks: list[str], include_path: str | None) -> TaskManager:
         + ". `lm-eval ls tasks` lists lm-eval's own tasks; "
         "local task YAMLs need their folder as include_path."
     )
-    return task_manager
 
 
 def _task_record(metrics: dict, version, num_fewshot) -> dict:
