@@ -393,3 +393,27 @@ def test_conv1d_layers_prune_as_the_transposed_linear(method, structure):
     for name in conv_w:
         assert torch.equal(conv_masks[name], lin_masks[name]), name
         torch.testing.assert_close(conv_w[name], lin_w[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gpt2", "gpt_neox"])
+def test_resume_of_a_fused_family_ends_with_the_uninterrupted_weights(model_type, family_dirs, tmp_path, monkeypatch):
+    """Interrupted before its last shot and resumed from the checkpoint, a run of a family with fused layers (and
+    GPT-2's Conv1D) ends with the masks and weights of the run that was never interrupted."""
+    from test_invariants import Interrupted, spy_shots
+
+    overrides = ("structure=unstructured", "target=0.5", "shots=3")
+    run(family_dirs, model_type, tmp_path, "full", *overrides)
+    calls = []
+    spy_shots(monkeypatch, calls, interrupt_at=3)
+    with pytest.raises(Interrupted):
+        run(family_dirs, model_type, tmp_path, "resumed", *overrides)
+    spy_shots(monkeypatch, calls)
+    record = run(family_dirs, model_type, tmp_path, "resumed", *overrides, "resume=true")
+    assert record["status"] == "complete" and record["resumed_from_shot"] == 2
+    full, resumed = (torch.load(tmp_path / name / runner.CHECKPOINT, weights_only=False)
+                     for name in ("full", "resumed"))
+    for name, mask in full["state"]["removed"].items():
+        assert torch.equal(resumed["state"]["removed"][name], mask), name
+    for name, tensors in full["weights"].items():
+        for key, value in tensors.items():
+            torch.testing.assert_close(resumed["weights"][name][key], value, rtol=0, atol=1e-12)
