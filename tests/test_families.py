@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,3 +418,53 @@ def test_resume_of_a_fused_family_ends_with_the_uninterrupted_weights(model_type
     for name, tensors in full["weights"].items():
         for key, value in tensors.items():
             torch.testing.assert_close(resumed["weights"][name][key], value, rtol=0, atol=1e-12)
+
+
+def _family_shots(model_type: str, structure: str) -> dict:
+    """Two shots of prune_shot on the small float64 model of a fused family: the final masks and weights."""
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    model = small(model_type)
+    layers = adapter_for(model_type).layers(model)
+    batches = list(torch.randint(0, 32, (8, 8), generator=torch.Generator().manual_seed(4)).split(2))
+    state = PruneState.empty(layers)
+    opts = ShotOptions(structure=structure, damping_g=0.1, tol=1e-12, accumulate="float64")
+    for shot, target in enumerate((0.15, 0.3) if structure == "structured" else (0.25, 0.5), start=1):
+        prune_shot(model, layers, batches, state, target, opts, seed=shot)
+    return {"masks": {k: v.tolist() for k, v in state.removed.items()},
+            "weights": {layer.name: layer.weight.tolist() for layer in layers}}
+
+
+def _family_worker(rank: int, port: int, out: str, model_type: str, structure: str) -> None:
+    import os
+
+    from surgeon import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert distributed.init(torch.device("cpu"), timeout_s=120)
+    try:
+        Path(f"{out}.{rank}").write_text(json.dumps(_family_shots(model_type, structure)))
+    finally:
+        distributed.close()
+
+
+@pytest.mark.parametrize("model_type, structure", [("gpt2", "unstructured"), ("phi3", "structured")])
+def test_two_processes_prune_a_fused_family_as_one(model_type, structure, tmp_path):
+    """Layers divided over two gloo processes (as under torchrun): the masks and weights of one process."""
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    threads = torch.get_num_threads()
+    try:
+        one = _family_shots(model_type, structure)
+    finally:
+        torch.set_num_threads(threads)
+    mp.start_processes(_family_worker, args=(_free_port(), str(tmp_path / "out"), model_type, structure), nprocs=2,
+                       start_method="spawn")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"out.{rank}").read_text())
+        assert got["masks"] == one["masks"]
+        for name, weight in one["weights"].items():
+            torch.testing.assert_close(torch.tensor(got["weights"][name]), torch.tensor(weight), rtol=1e-9, atol=1e-11)
