@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import sys
@@ -321,6 +322,18 @@ def _prepare(job: Job, ckpt: dict | None) -> Job:
     return job
 
 
+def _test_pause(shot: int) -> None:
+    """Test-only: with SURGEON_TEST_PAUSE_AFTER_SHOT=shot, write SURGEON_TEST_PAUSE_FILE once this shot's
+    checkpoint is on disk and wait there (at most 10 minutes), so a test's signal arrives in a known state, never
+    on timing. Unset (every real run): nothing."""
+    if os.environ.get("SURGEON_TEST_PAUSE_AFTER_SHOT") != str(shot):
+        return
+    Path(os.environ["SURGEON_TEST_PAUSE_FILE"]).write_text(str(shot))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     """One shot (prune.prune_shot), LoRA, evaluation when due; the record and checkpoint written after it."""
     cfg, layers = job.cfg, job.layers
@@ -348,6 +361,7 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     add_point(job.record, point)
     job.write()
     _save_checkpoint(job.run_dir / CHECKPOINT, layers, job.state, shot, job.record)
+    _test_pause(shot)
     if job.wandb:
         job.wandb.log_shot(point, job.record["layers"])
     if job.main:

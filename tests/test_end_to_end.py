@@ -1,5 +1,6 @@
 """The real pipeline on the testbed models at small settings: records carry the right values."""
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -126,17 +127,21 @@ def test_lora_drops_calibration_loss_and_keeps_zeros(tmp_path, shared):
     assert zeros / sum(l.module.weight.numel() for l in layers) == pytest.approx(0.5, abs=1e-5)
 
 
-def signal_after_shots(proc, run_dir, shots: int, sig) -> None:
-    """Send `sig` to a running `python run.py` once its record shows `shots` finished shots and a checkpoint."""
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = len(json.loads((run_dir / "record.json").read_text())["points"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            done = 0
-        if done >= shots and (run_dir / "checkpoint.pt").exists():
-            proc.send_signal(sig)
-            return
+def paused_run(args, run_dir, shots: int, **popen):
+    """A real `python run.py` that stops after its `shots`-th shot's checkpoint and waits there (runner._test_pause):
+    a signal sent once `wait_paused` returns finds it in that state, however loaded the machine is."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "SURGEON_TEST_PAUSE_AFTER_SHOT": str(shots),
+           "SURGEON_TEST_PAUSE_FILE": str(run_dir.parent / f"{run_dir.name}.paused")}
+    return subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                            **popen)
+
+
+def wait_paused(proc, run_dir) -> None:
+    marker = run_dir.parent / f"{run_dir.name}.paused"
+    deadline = time.time() + 600
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before its pause"
+        assert time.time() < deadline, "the run did not reach its pause in 10 minutes"
         time.sleep(0.05)
 
 
@@ -147,12 +152,12 @@ def test_resume_after_kill_continues_from_last_finished_shot(tmp_path, shared):
     full = run(tmp_path, *args[len(SMALL):], name="full")
 
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    signal_after_shots(proc, run_dir, 3, signal.SIGKILL)
+    proc = paused_run(args, run_dir, 3, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_paused(proc, run_dir)
+    proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     killed = json.loads((run_dir / "record.json").read_text())
-    assert killed["status"] == "running" and 3 <= len(killed["points"]) < 6, "the run was not killed mid-way"
+    assert killed["status"] == "running" and len(killed["points"]) == 3, "the run was not killed after shot 3"
     finished = len(torch.load(run_dir / "checkpoint.pt", weights_only=False)["record"]["points"])
 
     resumed = runner.run(compose([*args, "resume=true"]), run_dir)
@@ -247,9 +252,9 @@ def test_ctrl_c_prints_the_resume_command_which_finishes_the_run(tmp_path, share
     args = [*SMALL, "model=opt-tiny", "structure=structured", "target=0.3", "shots=3", f"results={tmp_path}/r.jsonl"]
     full = run(tmp_path, *args[len(SMALL):], name="full")
     run_dir = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    signal_after_shots(proc, run_dir, 1, signal.SIGINT)
+    proc = paused_run(args, run_dir, 1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_paused(proc, run_dir)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
