@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks only a GPU can make (README "The GPU check, prepared"), as one command.
+# The checks only a GPU can make (docs/scale.md, "The GPU check, prepared"), as one command.
 #
 #   bash experiments/gpu_check.sh OUTDIR [SECONDS]
 #       On a CUDA machine, in the repository root. Steps (STEPS, default "shot7b pipeline table"), in order:

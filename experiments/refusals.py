@@ -47,7 +47,7 @@ def _llama_7b(tmp: Path) -> str:
 
 
 def cases(tmp: Path) -> list[Case]:
-    lm_tasks = ROOT / "tests" / "lm_eval_tasks"
+    lm_tasks = "tests/lm_eval_tasks"  # relative to the checkout, where run.py runs
     return [
         Case("unknown preset", ("model=no-such-model",), "Could not find 'model/no-such-model'"),
         Case("unknown key", ("no_such_key=1",), "Could not override 'no_such_key'"),

@@ -1,4 +1,4 @@
-"""Several processes through torch.distributed (README "Several GPUs and machines").
+"""Several processes through torch.distributed (docs/distributed.md).
 
 `torchrun --nproc_per_node=K run.py ...` (or SLURM through `+cluster=slurm`) starts K copies of the run; the
 process group is made from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)

@@ -1,6 +1,6 @@
 """Loading a causal LM and its tokenizer: a local path, a Hugging Face hub name, or a GGUF file inside an
 installed Python package (`model.name_or_path=pkg:NAME`, `model.gguf_file=FILE`); on one device, or placed over
-several by accelerate's device map (`model.device_map`, README "Several GPUs and machines")."""
+several by accelerate's device map (`model.device_map`, docs/distributed.md)."""
 from __future__ import annotations
 
 import torch
