@@ -129,7 +129,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     _one_of("curvature.fisher", cfg.curvature.fisher, FISHERS)
     _one_of("curvature.precision", cfg.curvature.precision, PRECISIONS)
     _one_of("curvature.offload", cfg.curvature.offload, ("none", "cpu"))
-    _one_of("curvature.accumulate", cfg.curvature.accumulate, ("float32", "float64"))
+    _one_of("curvature.accumulate", cfg.curvature.accumulate, ("auto", "float32", "float64"))
     if cfg.curvature.offload == "cpu" and cfg.curvature.rank != 1:
         raise ConfigError("curvature.offload=cpu keeps Kronecker rank 1 factors only; use curvature.rank=1")
     _one_of("curvature.rank", cfg.curvature.rank, (1, 2))
@@ -207,6 +207,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
                     raise ConfigError(f"data.{key}={path} is empty")
         check_model_source(cfg)
         check_model_type(cfg)
+        cfg.curvature.accumulate = resolve_accumulate(cfg)  # the record and the passes see the value, never "auto"
         check_memory(cfg)
         if cfg.eval.lm_eval.tasks:
             _check_lm_eval_tasks(cfg)
@@ -376,22 +377,9 @@ def check_memory(cfg: DictConfig) -> None:
     from . import memory
     from .models import placement
 
-    place = placement(cfg)
-    if place:  # a device map: the estimate against the memory of all its devices together
-        have, devices = memory.placement_bytes(place["device_map"], place.get("max_memory"))
-        if have is None:
-            return
-        source = "model.max_memory gives" if "max_memory" in place else "together have"
-        room = f"the device map's devices ({', '.join(map(str, devices))}) {source} {have / 2**30:.1f} GiB"
-    else:
-        devices = [resolve_device(cfg.device)]
-        have = memory.available_bytes(devices[0])
-        if have is None:
-            return
-        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if devices[0].type == "cpu" else 1
-        have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
-        room = f"{devices[0]} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1
-                                                             else "")
+    have, room, devices, place = _room(cfg)
+    if have is None:
+        return
     config = _model_config(cfg)
     if config is None:  # no config to read (a hub model not cached yet): the preset's parameter count
         params = cfg.model.get("params")
@@ -411,6 +399,51 @@ def check_memory(cfg: DictConfig) -> None:
         hints = memory.fix_hints(config, need, have, offload_ok=not place, **settings)
         raise ConfigError(f"model={cfg.model.name} needs about {need.describe()} but {room}; "
                           f"try {' or '.join(hints)}")
+
+
+def _room(cfg: DictConfig, shared: bool = True):
+    """(bytes the run may use or None when unknown, those words for a message, the devices, the device map):
+    a device map's devices together (or model.max_memory), else the device's memory, on CPU divided among the
+    processes of the machine unless not `shared`."""
+    from . import memory
+    from .models import placement
+
+    place = placement(cfg)
+    if place:  # a device map: the estimate against the memory of all its devices together
+        have, devices = memory.placement_bytes(place["device_map"], place.get("max_memory"))
+        source = "model.max_memory gives" if "max_memory" in place else "together have"
+        room = f"the device map's devices ({', '.join(map(str, devices))}) {source} {(have or 0) / 2**30:.1f} GiB"
+        return have, room, devices, place
+    devices = [resolve_device(cfg.device)]
+    have = memory.available_bytes(devices[0])
+    if have is None:
+        return None, "", devices, place
+    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if devices[0].type == "cpu" and shared else 1
+    have //= sharing  # processes of one machine on CPU share its memory (torchrun; each GPU is its own)
+    room = f"{devices[0]} has {have / 2**30:.1f} GiB" + (f" for each of its {sharing} processes" if sharing > 1
+                                                         else "")
+    return have, room, devices, place
+
+
+def resolve_accumulate(cfg: DictConfig) -> str:
+    """curvature.accumulate, with `auto` decided: float64 sums (exact, so any number of processes gives the
+    one-process factors bit for bit) when the run's memory estimate with them fits the device's whole memory,
+    float32 otherwise (a large model, whose float64 sums would not fit; or one whose config cannot be read
+    before it loads). The whole memory, never a process's share: 1 and K processes of a machine decide alike."""
+    from . import memory
+
+    value = cfg.curvature.accumulate
+    if value != "auto":
+        return value
+    if cfg.model.dtype == "float64" or cfg.curvature.kind in ("identity", "none"):
+        return "float64"  # float64 statistics already, or no sums at all: either is the same run
+    config = _model_config(cfg)
+    have, _, devices, _ = _room(cfg, shared=False)
+    if config is None or have is None:
+        return "float32"
+    settings = {**run_settings(cfg), "accumulate": "float64",
+                "runtime": sum(memory.RUNTIME.get(d.type, 0) for d in devices)}
+    return "float64" if memory.estimate(config, **settings).peak <= have else "float32"
 
 
 def check_model_type(cfg: DictConfig) -> None:

@@ -213,7 +213,8 @@ def fix_hints(config, need: Estimate, have: int, offload_ok: bool = True, **sett
     batches = sorted({b for b in (B, B // 2, B // 4, 1) if b >= 1}, reverse=True)
     dtypes = [dtype] + (["bfloat16"] if dtype in ("float32", "float64") else [])
     offloads = [settings.get("offload", False)] + ([True] if settings.get("rank", 1) == 1 and offload_ok else [])
-    options = []
+    options = [(1, ["curvature.accumulate=float32"], {**settings, "accumulate": "float32"})] \
+        if settings.get("accumulate") == "float64" else []
     for d in dtypes:
         for b in batches:
             for o in dict.fromkeys(offloads):

@@ -148,6 +148,7 @@ def git_commit() -> str | None:
 
 def protocol(cfg, device: str) -> dict:
     """What docs/protocol.md requires a record to carry, from the resolved config."""
+    from .config import resolve_accumulate
     from .prune import ShotOptions
 
     solver = element_solver(cfg)
@@ -157,6 +158,7 @@ def protocol(cfg, device: str) -> dict:
         "revision": cfg.model.get("revision"),
         "gguf_file": cfg.model.get("gguf_file"),
         **ShotOptions.from_config(cfg).protocol(),  # method, structure, n:m, rank, damping, ... (prune.ShotOptions)
+        "accumulate": resolve_accumulate(cfg),  # curvature.accumulate=auto as the run decides it
         "target": cfg.target,
         "shots": cfg.shots,
         "schedule": cfg.schedule,

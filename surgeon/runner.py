@@ -162,6 +162,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
     """Run one pruning job; returns its record (also in run_dir/record.json and cfg.results).
     `resume_hint`, the command that resumes this run, is printed with the run directory at start."""
     validate(cfg)  # before anything heavy: a bad input never loads a model
+    if distributed.active():  # curvature.accumulate=auto decided alike by every rank: float64 where all chose it
+        if not distributed.reduce_ints([int(cfg.curvature.accumulate == "float64")], "min")[0]:
+            cfg.curvature.accumulate = "float32"
     run_dir = Path(run_dir)
     device = distributed.local_device(resolve_device(cfg.device))
     if cfg.skip_done and not cfg.resume:
