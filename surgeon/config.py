@@ -480,9 +480,9 @@ def _model_config(cfg: DictConfig):
     """The model's transformers config if it can be read without a download, else None."""
     from transformers import AutoConfig
 
-    path = model_path(cfg)
     kwargs = {"gguf_file": str(cfg.model.gguf_file)} if cfg.model.get("gguf_file") else {}
     try:
+        path = model_path(cfg)  # a ConfigError (pkg: not installed, ...) is the loader's to report
         return AutoConfig.from_pretrained(path, revision=cfg.model.get("revision"), local_files_only=True, **kwargs)
     except Exception:  # noqa: BLE001 - not local, not cached, or unreadable: the loader reports it later
         return None

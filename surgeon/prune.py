@@ -41,13 +41,15 @@ def _yaml_defaults() -> dict:
 _DEFAULTS = _yaml_defaults()
 
 
-def _setting(key: str, protocol: bool = False, preset: str = "base"):
-    """A shot setting read from config key `key`, its default from the YAML (`_yaml_defaults`); `protocol`: the
-    record's protocol carries it under the field's name. Adding a setting: this field and its YAML line."""
+def _setting(key: str, protocol: bool = False, preset: str = "base", default=None):
+    """A shot setting read from config key `key`, its default from the YAML (`_yaml_defaults`) unless `default`
+    is given; `protocol`: the record's protocol carries it under the field's name. Adding a setting: this field
+    and its YAML line."""
     from omegaconf import OmegaConf
 
-    return field(default=OmegaConf.select(_DEFAULTS[preset], key, throw_on_missing=True),
-                 metadata={"config": key, "protocol": protocol})
+    if default is None:
+        default = OmegaConf.select(_DEFAULTS[preset], key, throw_on_missing=True)
+    return field(default=default, metadata={"config": key, "protocol": protocol})
 
 
 @dataclass
@@ -77,13 +79,20 @@ class ShotOptions:
     percdamp: float = _setting("method.percdamp", preset="sparsegpt")
     precision: str = _setting("curvature.precision", protocol=True)
     offload: str = _setting("curvature.offload")
-    accumulate: str = _setting("curvature.accumulate", protocol=True)
+    # the YAML's `auto` is a run's decision from its memory estimate (config.resolve_accumulate, made by
+    # from_config); a shot built directly has no estimate to decide from and sums in float32
+    accumulate: str = _setting("curvature.accumulate", protocol=True, default="float32")
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
         from omegaconf import OmegaConf
 
-        return cls(**{f.name: OmegaConf.select(cfg, f.metadata["config"], default=f.default) for f in fields(cls)})
+        from .config import resolve_accumulate
+
+        opts = cls(**{f.name: OmegaConf.select(cfg, f.metadata["config"], default=f.default) for f in fields(cls)})
+        if opts.accumulate == "auto":
+            opts.accumulate = resolve_accumulate(cfg)
+        return opts
 
     def protocol(self) -> dict:
         """The shot settings a record's protocol carries (records.protocol adds the rest)."""

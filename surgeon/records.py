@@ -148,7 +148,6 @@ def git_commit() -> str | None:
 
 def protocol(cfg, device: str) -> dict:
     """What docs/protocol.md requires a record to carry, from the resolved config."""
-    from .config import resolve_accumulate
     from .prune import ShotOptions
 
     solver = element_solver(cfg)
@@ -157,8 +156,8 @@ def protocol(cfg, device: str) -> dict:
         "model_preset": cfg.model.name,
         "revision": cfg.model.get("revision"),
         "gguf_file": cfg.model.get("gguf_file"),
-        **ShotOptions.from_config(cfg).protocol(),  # method, structure, n:m, rank, damping, ... (prune.ShotOptions)
-        "accumulate": resolve_accumulate(cfg),  # curvature.accumulate=auto as the run decides it
+        # method, structure, n:m, rank, damping, accumulate (`auto` as the run decides it), ... (prune.ShotOptions)
+        **ShotOptions.from_config(cfg).protocol(),
         "target": cfg.target,
         "shots": cfg.shots,
         "schedule": cfg.schedule,

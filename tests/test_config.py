@@ -167,8 +167,10 @@ def test_resume_without_a_folder_finds_the_newest_unfinished_run(tmp_path, share
 
 def test_shot_options_read_every_setting_from_the_config_and_share_its_defaults():
     """ShotOptions is the one mapping from config keys to shot settings: every field's key exists in the composed
-    config (a renamed YAML key fails here) and its default is the config's (structure=unstructured)."""
-    from dataclasses import fields
+    config (a renamed YAML key fails here) and its default is the config's (structure=unstructured), but for
+    curvature.accumulate: `auto` is decided by from_config from the run's memory estimate, a shot built directly
+    sums in float32."""
+    from dataclasses import fields, replace
 
     from omegaconf import OmegaConf
 
@@ -178,8 +180,13 @@ def test_shot_options_read_every_setting_from_the_config_and_share_its_defaults(
     sparsegpt = compose(["method=sparsegpt", "structure=unstructured"])  # the only preset with method settings
     for f in fields(ShotOptions):
         source = sparsegpt if f.metadata["config"] in ("method.blocksize", "method.percdamp") else cfg
-        assert OmegaConf.select(source, f.metadata["config"], default="missing") == f.default, f.name
-    assert ShotOptions.from_config(cfg) == ShotOptions()
+        expected = "auto" if f.name == "accumulate" else f.default
+        assert OmegaConf.select(source, f.metadata["config"], default="missing") == expected, f.name
+    assert ShotOptions().accumulate == "float32"
+    opts = ShotOptions.from_config(cfg)
+    assert opts.accumulate == "float64"  # opt-tiny's float64 sums fit anywhere
+    assert replace(opts, accumulate="float32") == ShotOptions()
+    assert ShotOptions.from_config(compose(["curvature.accumulate=float32"])).accumulate == "float32"
     assert ShotOptions.from_config(compose(["curvature.damping_g=0.5"])).damping_g == 0.5
     from surgeon.records import protocol
 
