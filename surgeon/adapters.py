@@ -30,12 +30,14 @@ def matrix(module: nn.Module) -> Tensor:
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable Linear or Conv1D: `name` is its module path in the model."""
+    """One prunable Linear or Conv1D (or a routed expert's slice of a fused expert parameter, `surgeon.moe`):
+    `name` is its module path in the model (an expert's: `...mlp.experts.<e>.gate_up`)."""
 
     name: str
-    type: str  # short role name shared across families, e.g. "q", "fc1", "gate", "qkv"
+    type: str  # short role name shared across families, e.g. "q", "fc1", "gate", "qkv", "expert_down"
     block: int
     module: nn.Module
+    expert: int | None = None  # a routed expert's index: its inputs are only the tokens routed to it
 
     @property
     def weight(self) -> Tensor:
@@ -127,6 +129,7 @@ class Adapter:
     mlp_path: str = "mlp"
     activation: str = "act_fn"  # attribute of the MLP module holding its activation
     rotary: bool = False        # rotary position embedding: query/key dimensions keep their frequencies
+    compactable: bool = True    # surgeon.compact can shrink the family's layers
 
     def mlp_activation(self, block: nn.Module) -> nn.Module:
         return getattr(block.get_submodule(self.mlp_path) if self.mlp_path else block, self.activation)
@@ -387,9 +390,68 @@ class Phi3Adapter(LlamaAdapter):
         attention.num_key_value_heads = kv_heads
 
 
-ADAPTERS = (OPTAdapter, LlamaAdapter, Gemma3Adapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter)
+class MoEAdapter(LlamaAdapter):
+    """Mixture-of-experts families (`surgeon.moe`): Llama-style attention; each block's MLP is a dense one or a
+    sparse MoE block, whose routed experts' gate|up and down slices are prunable layers of their own (types
+    `expert_gate_up`, fused gate then up, and `expert_down`), plus Qwen2-MoE's shared expert (`shared_gate`,
+    `shared_up`, `shared_down`); the router and `shared_expert_gate` are never pruned."""
+
+    model_types = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+    families = {"mixtral": "Mixtral: Llama attention, top-2 of 8 routed SwiGLU experts",
+                "qwen2_moe": "Qwen2-MoE: q/k/v biases, routed experts and a gated shared expert",
+                "qwen3_moe": "Qwen3-MoE: q/k norms over head_dim, routed experts",
+                "olmoe": "OLMoE: q/k norms over the whole projection, routed experts"}
+    layer_paths = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+                   "expert_gate_up": "mlp.experts.gate_up_proj", "expert_down": "mlp.experts.down_proj",
+                   "shared_gate": "mlp.shared_expert.gate_proj", "shared_up": "mlp.shared_expert.up_proj",
+                   "shared_down": "mlp.shared_expert.down_proj"}
+    fused = {"expert_gate_up": Fused(("gate", "up"))}
+    attention_roles = ("q", "k", "v", "o")
+    compactable = False
+    _routed = ("`self_attn.{q,k,v,o}_proj`; per routed expert e: `mlp.experts.gate_up_proj[e]` (gate/up), "
+               "`mlp.experts.down_proj[e]`")
+    _dense = "; dense-MLP blocks (`mlp_only_layers`): `mlp.{gate,up,down}_proj`"
+    summaries = {"mixtral": _routed, "olmoe": _routed, "qwen3_moe": _routed + _dense,
+                 "qwen2_moe": _routed + ", `mlp.shared_expert.{gate,up,down}_proj`" + _dense}
+
+    def layers(self, model):
+        from . import moe
+
+        out = []
+        for i, block in enumerate(self.blocks(model)):
+            prefix = f"{self.blocks_path}.{i}"
+            roles = list(self.attention_roles)
+            mlp = block.get_submodule(self.mlp_path)
+            sparse = moe.is_moe(mlp)
+            if not sparse:
+                roles += ["gate", "up", "down"]
+            for role in roles:
+                path = self.layer_paths[role]
+                out.append(PrunableLayer(f"{prefix}.{path}", role, i, block.get_submodule(path)))
+            if not sparse:
+                continue
+            linears = moe.expert_linears(mlp.experts)
+            for e in range(len(linears["expert_down"])):
+                for role in ("expert_gate_up", "expert_down"):
+                    out.append(PrunableLayer(f"{prefix}.{self.mlp_path}.experts.{e}.{role[len('expert_'):]}", role,
+                                             i, linears[role][e], expert=e))
+            if hasattr(mlp, "shared_expert"):
+                for role in ("shared_gate", "shared_up", "shared_down"):
+                    path = self.layer_paths[role]
+                    out.append(PrunableLayer(f"{prefix}.{path}", role, i, block.get_submodule(path)))
+        return out
+
+    def row_groups(self, layer, block):
+        if layer.type != "expert_gate_up":
+            return {}
+        units = layer.out_features // 2
+        return self.fused["expert_gate_up"].rows({"gate": units, "up": units}, 1)
+
+
+ADAPTERS = (OPTAdapter, LlamaAdapter, Gemma3Adapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, MoEAdapter)
 # roles of separate layers that read one input tensor: they share one Kronecker factor A
-SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"))
+SHARED_INPUTS = (("q", "k", "v"), ("gate", "up"), ("shared_gate", "shared_up"))
 
 
 def supported_model_types() -> list[str]:
@@ -406,7 +468,8 @@ def family_table() -> str:
                                          if role in adapter.fused else "")
                            for role, path in adapter.layer_paths.items())
         for model_type in cls.model_types:
-            lines.append(f"| `{model_type}` | {cls.families[model_type]} | {layers} |")
+            listed = getattr(adapter, "summaries", {}).get(model_type, layers)
+            lines.append(f"| `{model_type}` | {cls.families[model_type]} | {listed} |")
     return "\n".join(lines)
 
 

@@ -218,17 +218,20 @@ def _run_block(block: nn.Module, calls: list[tuple]) -> list[tuple]:
     return out
 
 
-def _input_statistics(method: str, block: nn.Module, layers: list[PrunableLayer], calls: list[tuple]) -> dict:
-    """Per layer, H = sum of x x^T (sparsegpt) or sum of x^2 per input (wanda) over all tokens."""
-    stats, handles = {}, []
+def _input_statistics(method: str, block: nn.Module, layers: list[PrunableLayer], calls: list[tuple],
+                      min_tokens: int = 1) -> dict:
+    """Per layer, H = sum of x x^T (sparsegpt) or sum of x^2 per input (wanda) over all tokens; a routed expert
+    that fewer than `min_tokens` tokens reached gets H = I (ones): magnitude pruning to the layer's sparsity."""
+    stats, handles, tokens = {}, [], {}
     for layer in layers:
         Cw = layer.in_features
         dtype = torch.promote_types(layer.weight.dtype, torch.float32)
         shape = (Cw, Cw) if method == "sparsegpt" else (Cw,)
         stat = stats[layer.name] = torch.zeros(shape, dtype=dtype, device=layer.weight.device)
 
-        def accumulate(module, args, output, stat=stat, Cw=Cw):
+        def accumulate(module, args, output, stat=stat, Cw=Cw, name=layer.name):
             x = args[0].reshape(-1, Cw).to(stat.dtype)
+            tokens[name] = tokens.get(name, 0) + x.shape[0]
             if method == "sparsegpt":
                 stat.addmm_(x.T, x)
             else:
@@ -241,13 +244,19 @@ def _input_statistics(method: str, block: nn.Module, layers: list[PrunableLayer]
     finally:
         for handle in handles:
             handle.remove()
+    for layer in layers:
+        if layer.expert is not None and tokens.get(layer.name, 0) < min_tokens:
+            stat = stats[layer.name]
+            stats[layer.name] = torch.eye(len(stat), dtype=stat.dtype, device=stat.device) if stat.dim() == 2 \
+                else torch.ones_like(stat)
     return stats
 
 
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, layers: list[PrunableLayer], batches: list[Tensor], *, method: str,
                     sparsity: float, n: int = 0, m: int = 0, removed: dict[str, Tensor] | None = None,
-                    blocksize: int = 128, percdamp: float = 0.01, progress: bool = False) -> dict[str, Tensor]:
+                    blocksize: int = 128, percdamp: float = 0.01, progress: bool = False,
+                    min_tokens: int = 1) -> dict[str, Tensor]:
     """SparseGPT or Wanda through a model, block by block (docs/algorithm.md sec. 7), in place.
 
     Every layer of a block is pruned from the statistics of the same (dense-block) inputs;
@@ -266,7 +275,7 @@ def prune_layerwise(model: nn.Module, layers: list[PrunableLayer], batches: list
         calls = _block_inputs(model, blocks[0], batches)
         for i in tqdm(range(last + 1), desc=method, disable=not progress):
             block_layers = [layer for layer in layers if layer.block == i]
-            stats = _input_statistics(method, blocks[i], block_layers, calls)
+            stats = _input_statistics(method, blocks[i], block_layers, calls, min_tokens)
             for layer in block_layers:
                 weight, stat, before = layer.weight, stats[layer.name], removed.get(layer.name)
                 if method == "sparsegpt":

@@ -252,6 +252,9 @@ def compact(model: nn.Module, uniform: bool = False) -> dict:
     loads the result. Returns a report: parameters before and after, kept/total heads and MLP units, and the zero
     weight entries left."""
     adapter = adapter_for(model.config.model_type)
+    if not adapter.compactable:
+        raise ValueError(f"compaction of '{model.config.model_type}' (mixture of experts) is not supported: its "
+                         "pruned rows and columns stay as zeros")
     blocks = adapter.blocks(model)
     before = parameter_count(model)
     zeros_before, _ = _zeros(adapter, model)

@@ -245,6 +245,7 @@ def _check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"compact={str(cfg.compact).lower()} needs structure=structured: {cfg.structure.name} zeros are not whole rows "
                           "and columns, nothing would get smaller")
     _positive_int("curvature.rank2_iters", cfg.curvature.rank2_iters)
+    _positive_int("moe.min_tokens", cfg.moe.min_tokens)
     lora = cfg.lora
     if not isinstance(lora.enabled, bool):
         raise ConfigError(f"lora.enabled={lora.enabled!r} must be true or false")
@@ -463,9 +464,13 @@ def check_model_type(cfg: DictConfig) -> None:
     if model_type is None:
         return
     try:
-        adapter_for(model_type)
+        adapter = adapter_for(model_type)
     except ValueError as err:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: {err}") from None
+    if cfg.compact and not adapter.compactable:
+        raise ConfigError(f"compact={str(cfg.compact).lower()}: '{model_type}' is a mixture-of-experts family, whose "
+                          "fused expert tensors surgeon cannot shrink yet; run with compact=false (the pruned rows "
+                          "and columns stay as zeros)")
 
 
 def run_settings(cfg: DictConfig) -> dict:

@@ -36,6 +36,7 @@ class Factors:
     G: Tensor  # (R, R) output gradients; (R,) when diagonal
     A2: Tensor | None = None  # rank-2 second term: symmetric, generally indefinite
     G2: Tensor | None = None
+    tokens: int | None = None  # a routed expert's calibration tokens (None: every token reaches the layer)
 
     @property
     def diagonal(self) -> bool:
@@ -47,13 +48,13 @@ class Factors:
         if self.A.device == torch.device(device):
             return self
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Factors(A=move(self.A), G=move(self.G), A2=move(self.A2), G2=move(self.G2))
+        return Factors(A=move(self.A), G=move(self.G), A2=move(self.A2), G2=move(self.G2), tokens=self.tokens)
 
     def dense(self) -> "Factors":
         """The same factors as matrices (for an OBS solver, which needs them whole)."""
         if not self.diagonal:
             return self
-        return Factors(A=torch.diag(self.A), G=torch.diag(self.G), A2=self.A2, G2=self.G2)
+        return Factors(A=torch.diag(self.A), G=torch.diag(self.G), A2=self.A2, G2=self.G2, tokens=self.tokens)
 
 
 def sequence_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -117,6 +118,16 @@ class _LayerStats:
             value = value.to(self.store)
         value = value.to(self.accumulate)
         setattr(self, name, value if current is None else current + value)
+
+    def zero_sums(self, mode: str) -> None:
+        """The sums a pass in `mode` makes, as zeros where the pass has not started them."""
+        R, C = self.layer.out_features, self.layer.in_features + self.bias
+        shapes = {"diag": {"A": (C,)}, "kfac": {"A": (C, C), "G": (R, R)},
+                  "kfac+g2": {"A": (C, C), "G": (R, R), "S": (R, R)}, "g2": {"S": (R, R)}, "a2": {"S": (C, C)}}
+        where = self.store or self.layer.weight.device
+        for name, shape in shapes[mode].items():
+            if getattr(self, name) is None and not (name == "A" and self.a_owner is not None):
+                setattr(self, name, torch.zeros(shape, dtype=self.accumulate, device=where))
 
     def forward_hook(self, mode: str):
         """Hook for one pass. mode: 'diag' (diag of A only), 'kfac' (A, G), 'kfac+g2' (A, G
@@ -241,8 +252,9 @@ def estimate_curvature(
     if kind == "diag_a":
         _run_pass(model, stats, batches, "diag", fisher, seed, device, progress, precision)
         finish("A")
-        _alias_shared(stats, lambda s: s.A / s.n)
-        return {name: Factors(A=s.A, G=ones(s.layer.out_features, s)) for name, s in stats.items()}
+        _alias_shared(stats, lambda s: s.A / max(s.n, 1))
+        _routed_share(stats)
+        return {name: Factors(A=s.A, G=ones(s.layer.out_features, s), tokens=_tokens(s)) for name, s in stats.items()}
 
     if rank == 2:
         generators = {}  # one seeded stream per device: on one device the same draws as ever
@@ -254,12 +266,32 @@ def estimate_curvature(
             s.A2 = (X + X.T) / torch.linalg.matrix_norm(X + X.T)
     _run_pass(model, stats, batches, "kfac+g2" if rank == 2 else "kfac", fisher, seed, device, progress, precision)
     finish("A", "G", "S")
-    _alias_shared(stats, lambda s: s.A / s.n)
+    _alias_shared(stats, lambda s: s.A / max(s.n, 1))
     for s in stats.values():
-        s.G = s.G / s.n
+        s.G = s.G / max(s.n, 1)
     if rank == 2:
         _rank2_iterations(model, stats, batches, fisher, seed, device, progress, rank2_iters, precision, finish)
-    return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2) for name, s in stats.items()}
+    _routed_share(stats)
+    return {name: Factors(A=s.A, G=s.G, A2=s.A2, G2=s.G2, tokens=_tokens(s)) for name, s in stats.items()}
+
+
+def _tokens(s: _LayerStats) -> int | None:
+    return s.n if s.layer.expert is not None else None
+
+
+def _routed_share(stats: dict[str, _LayerStats]) -> None:
+    """A routed expert's factors are means over the n_e tokens routed to it, but its share of the loss's Fisher
+    is the sum over those tokens alone: n_e / N of what the means give for a layer every one of the N tokens
+    reaches. The A side (A, A2) takes that factor, so costs compare across experts and layers under one
+    threshold, and an expert no token reached has zero curvature (prune.py keeps it as it is)."""
+    everyone = max((s.n for s in stats.values() if s.layer.expert is None), default=0)
+    for s in stats.values():
+        if s.layer.expert is None or everyone == 0:
+            continue
+        share = s.n / everyone
+        s.A = s.A * share
+        if s.A2 is not None:
+            s.A2 = s.A2 * share
 
 
 def _share_inputs(model: nn.Module, stats: dict[str, _LayerStats], input_ids: Tensor) -> None:
@@ -316,10 +348,10 @@ def _rank2_iterations(
     for step in range(rank2_iters + 1):
         for s in stats.values():
             if side == "g2":
-                s.G2 = residual_half_step(s.S, s.n, s.A2, s.A, s.G)
+                s.G2 = residual_half_step(s.S, max(s.n, 1), s.A2, s.A, s.G)
                 s.G2, s.A2 = _normalise(s.G2, s.A2, last=step == rank2_iters)
             else:
-                s.A2 = residual_half_step(s.S, s.n, s.G2, s.G, s.A)
+                s.A2 = residual_half_step(s.S, max(s.n, 1), s.G2, s.G, s.A)
                 s.A2, s.G2 = _normalise(s.A2, s.G2, last=step == rank2_iters)
             s.S = None
         if step == rank2_iters:
@@ -398,6 +430,8 @@ def _run_pass(
             p.requires_grad_(False)
         for s in stats.values():
             s.n = 0
+            if s.layer.expert is not None:
+                s.zero_sums(mode)  # an expert may see no token here: its sums still exist (and are summed over ranks)
             handles.append(s.layer.module.register_forward_hook(s.forward_hook(mode)))
         if mode != "diag":
             # parameters are frozen and gradients start at the embedding output, so the

@@ -9,6 +9,8 @@ take their own path through `surgeon.baselines`.
 """
 from __future__ import annotations
 
+import functools
+import math
 import time
 from dataclasses import dataclass, field, fields
 
@@ -82,6 +84,7 @@ class ShotOptions:
     # the YAML's `auto` is a run's decision from its memory estimate (config.resolve_accumulate, made by
     # from_config); a shot built directly has no estimate to decide from and sums in float32
     accumulate: str = _setting("curvature.accumulate", protocol=True, default="float32")
+    min_tokens: int = _setting("moe.min_tokens", protocol=True)
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -220,7 +223,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         n, m = (opts.n, opts.m) if opts.structure == "semistructured" else (0, 0)
         state.removed.update(prune_layerwise(
             model, layers, batches, method=opts.method, sparsity=target, n=n, m=m, removed=state.removed,
-            blocksize=opts.blocksize, percdamp=opts.percdamp, progress=progress))
+            blocksize=opts.blocksize, percdamp=opts.percdamp, progress=progress, min_tokens=opts.min_tokens))
         apply_masks(layers, state)
         _sync(devices)
         return {"curvature": 0.0, "costs": 0.0, "update": time.perf_counter() - t0}, {}
@@ -240,6 +243,9 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                                  kind=opts.kind, rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
                                  precision=opts.precision, offload=opts.offload, accumulate=opts.accumulate,
                                  sum_=distributed.sum_ if distributed.active() else None)
+    # a routed expert that fewer than moe.min_tokens calibration tokens reached keeps its weights this shot
+    routed = {name: f.tokens for name, f in factors.items() if f.tokens is not None}
+    idle = {name for name, n in routed.items() if n < opts.min_tokens}
     for name in [name for name in factors if owner[name] != rank]:
         del factors[name]  # every rank has all factors; it keeps those of the layers it solves
     _sync(devices)
@@ -252,6 +258,14 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     beta: dict[str, float] = {}
     costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
     for layer in mine:
+        if layer.name in idle:
+            inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
+            if opts.structure == "structured":
+                costs[layer.name, "rows"], costs[layer.name, "cols"] = inf((layer.out_features,)), inf(
+                    (layer.in_features,))
+            else:
+                costs[layer.name, "elements"] = inf(layer.shape)
+            continue
         t1 = time.perf_counter()
         scorer = _scorer(layer, factors[layer.name], opts)
         if opts.structure == "structured":
@@ -301,7 +315,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     t0 = time.perf_counter()
     solves = {}
     for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
-        if obd:
+        if obd or layer.name in idle:
             continue
         name = layer.name
         t1 = time.perf_counter()
@@ -340,7 +354,9 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     apply_masks(layers, state)
     _sync(devices)
     seconds["update"] = time.perf_counter() - t0
-    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta)) if value} | own
+    experts = {name.rsplit(".", 1)[0]: n for name, n in routed.items() if name.endswith(".gate_up")}
+    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta), ("expert_tokens", experts))
+                     if value} | own
 
 
 def _lap(devices):

@@ -97,12 +97,14 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("accumulate", "float32")
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
+        record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
     if isinstance(p, dict):
         p.setdefault("precision", "fp32")
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
+        p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)

@@ -83,6 +83,8 @@ class WandbLogger:
         metrics.update({f"seconds/{phase}": s for phase, s in (point.get("seconds") or {}).items()})
         for layer, sparsity in zip(layers, point.get("layer_sparsity") or []):
             metrics[f"layer_sparsity/{layer['name']}"] = sparsity
+        for expert, tokens in (point.get("expert_tokens") or {}).items():  # routed experts' calibration tokens
+            metrics[f"expert_tokens/{expert}"] = tokens
         self.run.log(metrics, step=point["shot"])
 
     @_never_raises

@@ -132,8 +132,10 @@ def paused_run(args, run_dir, shots: int, **popen):
     a signal sent once `wait_paused` returns finds it in that state, however loaded the machine is."""
     env = {**os.environ, "TQDM_DISABLE": "1", "SURGEON_TEST_PAUSE_AFTER_SHOT": str(shots),
            "SURGEON_TEST_PAUSE_FILE": str(run_dir.parent / f"{run_dir.name}.paused")}
+    # SIGINT back to its default in the child: a suite started in the background (`cmd &` without job control)
+    # hands its children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     return subprocess.Popen([sys.executable, "run.py", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                            **popen)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def wait_paused(proc, run_dir) -> None:

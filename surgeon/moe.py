@@ -1,0 +1,114 @@
+"""Mixture-of-experts blocks: every routed expert's matrices are prunable layers.
+
+transformers 5 keeps a block's routed experts as two fused 3-D parameters, `experts.gate_up_proj` (E, 2I, H),
+gate rows first, and `experts.down_proj` (E, H, I), and runs them in one loop over the experts that received
+tokens (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE alike). Here each expert's slice of each parameter is an
+`ExpertLinear`: a bias-free Linear whose weight is a view of the slice (every write goes to the model's own
+parameter, so the saved model is the stock layout), and `route` gives the experts module a forward that runs
+the same loop through those modules, so the curvature hooks, SparseGPT/Wanda statistics and LoRA see each
+expert as a layer: its input is the tokens routed to it, its output gradient includes the router weight the
+forward multiplies its output by. The forward is the stock eager one op for op (tests/test_moe.py compares).
+The router (`gate`) and the Qwen2-MoE `shared_expert_gate` are never pruned; the shared expert is ordinary
+Linear layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PARAMETERS = {"expert_gate_up": "gate_up_proj", "expert_down": "down_proj"}  # layer type -> fused parameter
+
+
+class ExpertLinear(nn.Module):
+    """Expert `expert`'s slice of the fused parameter `param` of an experts module, as a bias-free Linear."""
+
+    def __init__(self, experts: nn.Module, param: str, expert: int):
+        super().__init__()
+        object.__setattr__(self, "experts", experts)  # a reference, not a submodule
+        self.param, self.expert = param, expert
+        self.bias = None
+
+    @property
+    def weight(self) -> Tensor:
+        """(out, in) view of the slice: writes go through to the model's parameter."""
+        return getattr(self.experts, self.param)[self.expert]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def state_dict(self, *args, **kwargs) -> dict:  # the checkpoint's per-layer weights
+        return {"weight": self.weight.detach()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        self.weight.copy_(state_dict["weight"])
+
+    def extra_repr(self) -> str:
+        return f"{self.param}[{self.expert}], in_features={self.in_features}, out_features={self.out_features}"
+
+
+def is_moe(mlp: nn.Module) -> bool:
+    """A sparse MoE block (router `gate` and fused `experts`), not a dense MLP."""
+    experts = getattr(mlp, "experts", None)
+    return experts is not None and all(hasattr(experts, p) for p in PARAMETERS.values())
+
+
+def expert_linears(experts: nn.Module) -> dict[str, list[ExpertLinear]]:
+    """The experts module's ExpertLinear modules per layer type (made once, kept on the module; its forward is
+    `route`d through them)."""
+    linears = experts.__dict__.get("_surgeon_linears")
+    if linears is None:
+        E = getattr(experts, PARAMETERS["expert_down"]).shape[0]
+        linears = {kind: [ExpertLinear(experts, param, e) for e in range(E)] for kind, param in PARAMETERS.items()}
+        experts.__dict__["_surgeon_linears"] = linears  # a plain attribute: not in modules() or the state dict
+        experts.__dict__["forward"] = route.__get__(experts)
+    return linears
+
+
+def route(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+    """The stock eager experts forward (transformers 5, Mixtral/Qwen-MoE/OLMoE) through the ExpertLinear modules."""
+    linears = self.__dict__["_surgeon_linears"]
+    gate_up, down = linears["expert_gate_up"], linears["expert_down"]
+    E = len(down)
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        e = int(expert_idx[0])
+        if e == E:  # tokens sent to no local expert (expert parallelism)
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[e])
+        gate, up = gate_up[e](hidden_states[token_idx]).chunk(2, dim=-1)
+        out = down[e](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+def expert_counts(model: nn.Module, input_ids: Tensor) -> dict[int, Tensor]:
+    """Per MoE block index (into the model's decoder blocks, in order of appearance), the number of tokens of
+    `input_ids` routed to each expert (one no-grad forward)."""
+    counts, handles = {}, []
+    blocks = [m for m in model.modules() if is_moe(m)]
+    for i, block in enumerate(blocks):
+        def hook(module, inputs, output, i=i):
+            _, _, index = output
+            E = module.num_experts if hasattr(module, "num_experts") else module.weight.shape[0]
+            counts[i] = counts.get(i, 0) + torch.bincount(index.flatten().cpu(), minlength=E)
+        handles.append(block.gate.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts

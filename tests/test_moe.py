@@ -1,0 +1,230 @@
+"""Mixture-of-experts families (surgeon/moe.py): the routed forward equals transformers' own; each routed expert's
+Kronecker factors equal the sums over the tokens routed to it, computed by hand from the same forward and
+backward; its element and row updates equal the dense OBS solve; an expert no token reaches is kept, never NaN."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+from surgeon.adapters import adapter_for
+from surgeon.curvature import estimate_curvature
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SEQ = 8
+
+
+def tiny(model_type: str, dtype=torch.float64, hidden: int = 8, units: int = 4, experts: int = 4):
+    """A one-block model: 4 experts of `units` hidden units, top-2 routing, eager experts (float64 runs eager)."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(vocab_size=32, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  max_position_embeddings=32, num_experts_per_tok=2, initializer_range=0.3, **ids)
+    config = {
+        "mixtral": lambda: T.MixtralConfig(intermediate_size=units, num_local_experts=experts, **common),
+        "olmoe": lambda: T.OlmoeConfig(intermediate_size=units, num_experts=experts, **common),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(intermediate_size=12, moe_intermediate_size=units,
+                                              shared_expert_intermediate_size=6, num_experts=experts, **common),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(intermediate_size=12, moe_intermediate_size=units, num_experts=experts,
+                                              head_dim=4, **common),
+    }[model_type]()
+    if dtype == torch.float64:
+        config._experts_implementation = "eager"  # transformers' grouped_mm kernel has no float64
+    torch.manual_seed(0)
+    return T.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def ids(n=6, seed=1):
+    return torch.randint(0, 32, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_routed_forward_equals_transformers_own(model_type):
+    """Once surgeon has made the experts prunable layers, the model computes what transformers' stock experts
+    forward computes (its default grouped_mm kernel in float32 to 1e-6, its eager loop in float64 exactly); the
+    state dict (what save_pretrained writes) keeps its stock keys."""
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 0.0)):
+        model = tiny(model_type, dtype)
+        stock = copy.deepcopy(model)
+        keys = list(model.state_dict())
+        layers = adapter_for(model_type).layers(model)
+        experts = [layer for layer in layers if layer.expert is not None]
+        assert len(experts) == 8 and {layer.type for layer in experts} == {"expert_gate_up", "expert_down"}
+        with torch.no_grad():
+            got, want = model(input_ids=ids()).logits, stock(input_ids=ids()).logits
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert list(model.state_dict()) == keys
+        # an expert layer's weight is a view of the fused parameter: writes go through
+        layer = experts[1]
+        with torch.no_grad():
+            layer.weight[0, 0] = 7.0
+        assert model.model.layers[0].mlp.experts.gate_up_proj[0, 0, 0] == 7.0 or layer.type == "expert_down"
+
+
+def by_hand(model, batch):
+    """Per expert e: (inputs of its tokens, gate|up output gradients, hidden units, down output gradients) over all
+    sequences, from a forward written out here (not through surgeon's modules) and autograd of each sequence's
+    mean next-token CE; and the total token count."""
+    experts = model.model.layers[0].mlp.experts
+    E = experts.gate_up_proj.shape[0]
+    rec = {e: {"x": [], "gu": [], "h": [], "y": []} for e in range(E)}
+    kept = []
+
+    def forward(hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for e in range(E):
+            tok, pos = torch.where(top_k_index == e)
+            if len(tok) == 0:
+                continue
+            x = hidden[tok]
+            gu = F.linear(x, experts.gate_up_proj[e])
+            gate, up = gu.chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            y = F.linear(h, experts.down_proj[e])
+            kept.append((e, x, gu, h, y))
+            out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+        return out
+
+    experts.__dict__["forward"] = forward
+    try:
+        for seq in batch:
+            kept.clear()
+            logits = model(input_ids=seq[None]).logits[0]
+            loss = F.cross_entropy(logits[:-1], seq[1:])
+            grads = torch.autograd.grad(loss, [t for k in kept for t in (k[2], k[4])])
+            for i, (e, x, gu, h, y) in enumerate(kept):
+                rec[e]["x"].append(x.detach())
+                rec[e]["h"].append(h.detach())
+                rec[e]["gu"].append(grads[2 * i])
+                rec[e]["y"].append(grads[2 * i + 1])
+    finally:
+        del experts.__dict__["forward"]
+    return {e: {k: torch.cat(v) if v else None for k, v in r.items()} for e, r in rec.items()}, batch.numel()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_expert_factors_are_sums_over_the_routed_tokens(model_type):
+    """A = sum over the n_e routed tokens of a a^T / N (N: all tokens; the expert's share n_e / N of the loss's
+    Fisher sits on A), G = sum of g g^T / n_e, g the gradient at the expert's output (the router weight
+    included); for gate|up and for down; the recorded token count is n_e."""
+    model = tiny(model_type)
+    batch = ids()
+    want, N = by_hand(copy.deepcopy(model), batch)
+    layers = adapter_for(model_type).layers(model)
+    factors = estimate_curvature(model, layers, list(batch.split(3)))
+    seen = 0
+    for layer in (l for l in layers if l.expert is not None):
+        r, f = want[layer.expert], factors[layer.name]
+        a, g = (r["x"], r["gu"]) if layer.type == "expert_gate_up" else (r["h"], r["y"])
+        n = 0 if a is None else len(a)
+        assert f.tokens == n
+        if n == 0:
+            assert (f.A == 0).all() and (f.G == 0).all()
+            continue
+        seen += 1
+        torch.testing.assert_close(f.A, a.T @ a / N, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(f.G, g.T @ g / n, rtol=1e-10, atol=1e-15)
+        assert f.G.abs().max() > 1e-8
+    assert seen >= 6
+
+
+def test_expert_updates_equal_the_dense_obs_solve():
+    """An expert's element update (joint solve) and row/column update under its factors equal the brute-force
+    OBS solve on kron(G_d, A_d) of that expert alone."""
+    from test_obs import DA, DG, Dense
+
+    from surgeon.adapters import weight_with_bias
+    from surgeon.obs import LayerOBS
+
+    model = tiny("mixtral")
+    layers = adapter_for("mixtral").layers(model)
+    factors = estimate_curvature(model, layers, list(ids().split(3)))
+    for layer in [l for l in layers if l.expert == 1]:
+        f = factors[layer.name]
+        W = weight_with_bias(layer.module)
+        o, d = LayerOBS(W, f.A, f.G, damping_a=DA, damping_g=DG, has_bias=False), Dense(W, f.A, f.G)
+        R, C = W.shape
+        removed = torch.zeros(R, C, dtype=torch.bool)
+        removed[0, 1] = removed[2, 0] = removed[R - 1, C - 1] = True
+        want = d.full(d.theta + d.delta(d.q_mask(removed)), removed)
+        got, _ = o.update_elements_joint(removed, tol=1e-13, max_iter=500)
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+        rows, cols = torch.zeros(R, dtype=torch.bool), torch.zeros(C, dtype=torch.bool)
+        rows[1], cols[2] = True, True
+        full = rows[:, None] | cols[None, :]
+        want = d.full(d.theta + d.delta(d.q_mask(full)), full)
+        torch.testing.assert_close(o.update_rows_cols(rows, cols), want, rtol=1e-10, atol=1e-12)
+
+
+def starve(model, expert: int) -> None:
+    """Route no token to `expert` (a model change for the test): the family's own router forward, with the
+    expert's logit from its F.linear set to -inf."""
+    router = model.model.layers[0].mlp.gate
+    original, weight = type(router).forward, router.weight
+
+    def forward(hidden_states):
+        real = F.linear
+
+        def linear(x, w, b=None):
+            out = real(x, w, b)
+            return out.index_fill(-1, torch.tensor([expert]), -torch.inf) if w is weight else out
+
+        F.linear = linear
+        try:
+            return original(router, hidden_states)
+        finally:
+            F.linear = real
+
+    router.__dict__["forward"] = forward
+
+
+@pytest.mark.parametrize("method", ["surgeon", "kobd", "sparsegpt", "wanda"])
+def test_an_expert_no_token_reaches_is_kept_and_nothing_is_nan(method):
+    """With expert 3 never routed, LLM Surgeon / K-OBD keep it as it is (the global threshold takes the target
+    from the others) and SparseGPT/Wanda prune it by magnitude to the layer's sparsity; no NaN anywhere; the
+    shot records the experts' token counts (0 for expert 3)."""
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    model = tiny("mixtral")
+    starve(model, 3)
+    layers = adapter_for("mixtral").layers(model)
+    before = {l.name: l.weight.clone() for l in layers}
+    opts = ShotOptions(method=method, kind={"kobd": "kfac", "surgeon": "kfac"}.get(method, "none"),
+                       correlation="none" if method == "kobd" else "layer", damping_g=0.1, tol=1e-10)
+    _, info = prune_shot(model, layers, list(ids().split(3)), PruneState.empty(layers), 0.5, opts)
+    starved = [l for l in layers if l.expert == 3]
+    for layer in layers:
+        assert torch.isfinite(layer.weight).all(), layer.name
+    if method in ("surgeon", "kobd"):
+        for layer in starved:
+            assert torch.equal(layer.weight, before[layer.name])
+        assert info["expert_tokens"]["model.layers.0.mlp.experts.3"] == 0
+        assert info["expert_tokens"]["model.layers.0.mlp.experts.0"] > 0
+    else:
+        for layer in starved:  # magnitude: what is kept is what it was, and no smaller than what went
+            W, W0 = layer.weight, before[layer.name]
+            kept = W != 0
+            assert torch.equal(W[kept], W0[kept])  # H = I: no update either
+            # SparseGPT chooses over the layer's (one) column block, Wanda within each row
+            for keep, old in ([(kept, W0)] if method == "sparsegpt" else zip(kept, W0)):
+                assert keep.float().mean() == pytest.approx(0.5) and old[keep].abs().min() >= old[~keep].abs().max()
+    zeros = sum(int((l.weight == 0).sum()) for l in layers)
+    assert zeros / sum(l.weight.numel() for l in layers) == pytest.approx(0.5, abs=0.01)
+
+
+def test_compact_is_refused_for_a_moe_family_before_anything_loads(tmp_path):
+    """compact=true on a mixture-of-experts model: exit 2, one line naming the family, no output folder."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    tiny("mixtral", torch.float32).save_pretrained(tmp_path / "mixtral")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "run.py", f"model.name_or_path={tmp_path / 'mixtral'}",
+                           "structure=structured", "compact=true", f"hydra.run.dir={out}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "'mixtral' is a mixture-of-experts family" in lines[0] and "compact=false" in lines[0]
+    assert not out.exists()
