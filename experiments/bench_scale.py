@@ -54,6 +54,14 @@ SHAPES = {
     "llama-2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                                  max_position_embeddings=4096)),
+    # mixture-of-experts shapes (docs/moe.md): every routed expert's gate|up and down are layers of their own
+    "mixtral-8x7b": ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                     num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                                     num_experts_per_tok=2, vocab_size=32000, max_position_embeddings=32768)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                        vocab_size=151936, max_position_embeddings=40960)),
 }
 DAMPING = {"structured": (0.01, 0.01), "unstructured": (0.01, 0.1), "semistructured": (0.01, 0.1)}
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -61,14 +69,15 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 def make_config(shape: str, layers: int | None = None):
     """The shape's transformers config; with `layers`, only its first `layers` blocks."""
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, MixtralConfig, OPTConfig, Qwen3MoeConfig
 
     family, kwargs = SHAPES[shape]
     if layers is not None:
         if not 1 <= layers <= kwargs["num_hidden_layers"]:
             raise SystemExit(f"error: --layers {layers}: {shape} has 1 to {kwargs['num_hidden_layers']} layers")
         kwargs = {**kwargs, "num_hidden_layers": layers}
-    return (OPTConfig if family == "opt" else LlamaConfig)(**kwargs)
+    classes = {"opt": OPTConfig, "llama": LlamaConfig, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
+    return classes[family](**kwargs)
 
 
 class PeakMemory:

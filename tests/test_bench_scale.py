@@ -52,6 +52,19 @@ def test_a_shape_over_the_stated_memory_is_refused_in_seconds_naming_the_need(tm
     assert need < 80 * GiB < row["estimate"]["peak"]
 
 
+def test_mixtral_is_refused_here_and_on_one_141_gb_gpu_with_its_numbers(tmp_path):
+    """Mixtral-8x7B (every routed expert's layers, docs/moe.md) in bfloat16: refused on this machine and against
+    one 141 GB GPU within seconds; the estimate's factors are the 256 experts' Kronecker factors."""
+    out, rows = bench(tmp_path, "--shapes", "mixtral-8x7b", "--dtype", "bfloat16", "--have-gib", "141", timeout=120)
+    (row,) = rows
+    assert row["refused"] and row["have"] == 141 * GiB and row["seconds_to_refuse"] < 30
+    e = row["estimate"]
+    # 32 blocks x 8 experts: A of gate|up (4096^2) + G (28672^2) and A of down (14336^2) + G (4096^2), float32
+    experts = 32 * 8 * 4 * (4096**2 + 28672**2 + 14336**2 + 4096**2)
+    assert experts < e["factors"] < experts * 1.01 and e["weights"] > 80 * GiB
+    assert "mixtral-8x7b" in out and "--have-gib gives 141.0 GiB" in out
+
+
 def test_one_shot_per_structure_writes_a_row_each_as_measured(tmp_path):
     out, rows = bench(tmp_path, "--shapes", "opt-tiny", "--n", "4", "--seq-len", "32", "--batch-size", "2",
                       "--layers", "2", "--max-iter", "200")

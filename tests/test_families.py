@@ -248,7 +248,7 @@ def test_memory_estimate_knows_fused_shapes():
     """The estimate's layer shapes are the model's prunable layers, a fused layer as one (rows of all its parts)."""
     from surgeon.memory import layer_shapes
 
-    for model_type in ("phi3", "gpt2", "gpt_neox"):
+    for model_type in ("phi3", "gpt2", "gpt_neox", "mixtral", "qwen2_moe"):
         config = tiny_config(model_type)
         model = T.AutoModelForCausalLM.from_config(config)
         layers = adapter_for(model_type).layers(model)
