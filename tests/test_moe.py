@@ -228,3 +228,45 @@ def test_compact_is_refused_for_a_moe_family_before_anything_loads(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "'mixtral' is a mixture-of-experts family" in lines[0] and "compact=false" in lines[0]
     assert not out.exists()
+
+
+def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A qwen2_moe run (routed and shared experts) stopped after shot 2 of 3 resumes from its checkpoint: the
+    experts' weights come back from it (their slices of the fused parameters) and the result is the
+    uninterrupted run's; the record keeps each shot's expert token counts."""
+    from conftest import compose
+
+    from surgeon import runner
+    from surgeon.config import shared_dir
+
+    if not (shared_dir() / "models").is_dir():
+        pytest.skip(f"testbed not found at {shared_dir()} (set SURGEON_SHARED)")
+    from test_families import data, tiny_config
+
+    tokenizer = T.AutoTokenizer.from_pretrained(shared_dir() / "models" / "llama-tiny-wt2")
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(tiny_config("qwen2_moe")).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text"
+    text.mkdir()
+    for split in ("valid", "test"):
+        (text / f"{split}.txt").write_text((shared_dir() / "data" / "wikitext-2" / f"{split}.txt").read_text()[:20000])
+    args = [f"model.name_or_path={tmp_path / 'model'}", "model.name=tiny", *data({"text": text}), "calib.n=4",
+            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=2", "shots=3",
+            "structure=unstructured", "target=0.5", f"results={tmp_path}/records.jsonl"]
+    full = runner.run(compose(args), tmp_path / "full")
+
+    def stop(shot):
+        if shot == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_test_pause", stop)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(compose(args), tmp_path / "stopped")
+    monkeypatch.undo()
+    resumed = runner.run(compose([*args, "resume=true"]), tmp_path / "stopped")
+    assert resumed["status"] == "complete" and resumed["resumed_from_shot"] == 2
+    assert resumed["final_ppl"] == pytest.approx(full["final_ppl"], rel=1e-9)
+    tokens = [p["expert_tokens"] for p in resumed["points"]]
+    assert len(tokens) == 3 and all(len(t) == 4 for t in tokens)  # block 0's four experts (block 1 is dense)
+    assert all(sum(t.values()) == 2 * 4 * 32 for t in tokens)  # top-2 of every calibration token
