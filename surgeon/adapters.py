@@ -129,7 +129,6 @@ class Adapter:
     mlp_path: str = "mlp"
     activation: str = "act_fn"  # attribute of the MLP module holding its activation
     rotary: bool = False        # rotary position embedding: query/key dimensions keep their frequencies
-    compactable: bool = True    # surgeon.compact can shrink the family's layers
 
     def mlp_activation(self, block: nn.Module) -> nn.Module:
         return getattr(block.get_submodule(self.mlp_path) if self.mlp_path else block, self.activation)
@@ -137,6 +136,10 @@ class Adapter:
     def heads(self, attention: nn.Module) -> tuple[int, int, int]:
         """(query heads, key-value heads, head dimension) of one attention module as it is now."""
         raise NotImplementedError
+
+    def heads_removable(self, attention: nn.Module) -> bool:
+        """Compaction may remove whole heads (False where a norm reads all of q or k at once)."""
+        return True
 
     def set_heads(self, attention: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
         """Tell a resized attention module its new head counts (its layers are already resized)."""
@@ -406,9 +409,8 @@ class MoEAdapter(LlamaAdapter):
                    "expert_gate_up": "mlp.experts.gate_up_proj", "expert_down": "mlp.experts.down_proj",
                    "shared_gate": "mlp.shared_expert.gate_proj", "shared_up": "mlp.shared_expert.up_proj",
                    "shared_down": "mlp.shared_expert.down_proj"}
-    fused = {"expert_gate_up": Fused(("gate", "up"))}
+    fused = {"expert_gate_up": Fused(("expert_gate", "expert_up"))}
     attention_roles = ("q", "k", "v", "o")
-    compactable = False
     _routed = ("`self_attn.{q,k,v,o}_proj`; per routed expert e: `mlp.experts.gate_up_proj[e]` (gate/up), "
                "`mlp.experts.down_proj[e]`")
     _dense = "; dense-MLP blocks (`mlp_only_layers`): `mlp.{gate,up,down}_proj`"
@@ -446,7 +448,35 @@ class MoEAdapter(LlamaAdapter):
         if layer.type != "expert_gate_up":
             return {}
         units = layer.out_features // 2
-        return self.fused["expert_gate_up"].rows({"gate": units, "up": units}, 1)
+        return self.fused["expert_gate_up"].rows({"expert_gate": units, "expert_up": units}, 1)
+
+    def heads_removable(self, attention):
+        # OLMoE normalises q and k over the whole projection: a head's rows change the others' scale
+        norm = getattr(attention, "q_norm", None)
+        return norm is None or norm.weight.numel() == attention.head_dim
+
+    def uniform_shape(self, shapes, dense):
+        out = {"kv_heads": max(s["kv_heads"] for s in shapes),
+               "per_group": max(s["heads"] // s["kv_heads"] for s in shapes), "head_dim": dense[0][2]}
+        for key in ("mlp", "experts", "shared"):  # dense-MLP blocks, routed experts, shared experts: each its width
+            widths = [s[key] for s in shapes if key in s]
+            if widths:
+                out[key] = max(widths)
+        return out
+
+    def stock_config(self, config, shapes):
+        widths = {key: {s[key] for s in shapes if key in s} for key in ("mlp", "experts", "shared")}
+        if len({(s["heads"], s["kv_heads"]) for s in shapes}) != 1 or any(len(w) > 1 for w in widths.values()):
+            return False
+        config.head_dim = shapes[0]["head_dim"]
+        config.num_attention_heads, config.num_key_value_heads = shapes[0]["heads"], shapes[0]["kv_heads"]
+        fields = {"mlp": "intermediate_size", "shared": "shared_expert_intermediate_size",
+                  "experts": "moe_intermediate_size" if hasattr(config, "moe_intermediate_size")
+                  else "intermediate_size"}
+        for key, width in widths.items():
+            if width:
+                setattr(config, fields[key], width.pop())
+        return True
 
 
 ADAPTERS = (OPTAdapter, LlamaAdapter, Gemma3Adapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, MoEAdapter)

@@ -67,11 +67,19 @@ class BlockPlan:
     k_dims: Tensor    # (kept kv heads, head_dim') in each kept key head's rows
     v_dims: Tensor    # (kept kv heads, head_dim') in each kept value head's rows
     o_dims: Tensor    # (kept heads, head_dim') output-projection columns of each kept query head
-    mlp: Tensor       # kept MLP hidden units
+    mlp: Tensor | None  # kept MLP hidden units (None: the block's MLP is a sparse MoE block)
+    experts: Tensor | None = None  # (experts, units') kept hidden units of each routed expert (surgeon.moe)
+    shared: Tensor | None = None   # kept hidden units of the MoE block's shared expert
 
     def shape(self) -> dict:
-        return {"heads": len(self.heads), "kv_heads": len(self.kv_heads), "head_dim": self.q_dims.shape[1],
-                "mlp": len(self.mlp)}
+        out = {"heads": len(self.heads), "kv_heads": len(self.kv_heads), "head_dim": self.q_dims.shape[1]}
+        if self.mlp is not None:
+            out["mlp"] = len(self.mlp)
+        if self.experts is not None:
+            out["experts"] = self.experts.shape[1]
+        if self.shared is not None:
+            out["shared"] = len(self.shared)
+        return out
 
 
 def _part(block: nn.Module, adapter: Adapter, role: str) -> Part:
@@ -97,6 +105,8 @@ def _fold_constants(adapter: Adapter, block: nn.Module) -> None:
             values = torch.where(const, v_bias, 0).view(K, d)[torch.arange(H, device=const.device) // (H // K)]
             out.module.bias += out.weight @ values.flatten()
             v.module.bias[v.index(const).to(v_bias.device)] = 0
+    if _sparse(adapter, block):  # routed and shared experts have no biases
+        return
     inputs = [lin(adapter.mlp_activated)] + ([lin(adapter.mlp_multiplied)] if adapter.mlp_multiplied else [])
     down = lin(adapter.mlp_out)
     if down.bias is None or any(m.bias is None for m in inputs):
@@ -130,6 +140,8 @@ def plan_block(adapter: Adapter, block: nn.Module, at_least: dict | None = None)
     per_group = max(1, int(head_live.view(K, G)[kv_heads].sum(1).max()), at_least.get("per_group", 0))
     heads = torch.cat([k * G + _keep(head_live[k * G:(k + 1) * G], per_group) for k in kv_heads.tolist()])
 
+    if not adapter.heads_removable(block.get_submodule(adapter.attention_path)):  # a norm over all of q or k
+        heads, kv_heads = torch.arange(H), torch.arange(K)
     if adapter.rotary or G > 1:  # dimensions stay: rotary frequencies, or a key head shared by several heads
         q_dims = torch.arange(d).expand(len(heads), d)
         k_dims = v_dims = torch.arange(d).expand(len(kv_heads), d)
@@ -142,13 +154,54 @@ def plan_block(adapter: Adapter, block: nn.Module, at_least: dict | None = None)
         q_dims = k_dims = torch.stack([_keep(qk_live[h], width) for h in heads.tolist()])
         v_dims = o_dims = torch.stack([_keep(out_live[h], width) for h in heads.tolist()])
 
-    unit_live = _live_cols(lin(adapter.mlp_out)).cpu()
-    if _maps_zero_to_zero(adapter.mlp_activation(block)):
-        unit_live &= _live_rows(lin(adapter.mlp_activated)).cpu()
-    if adapter.mlp_multiplied:
-        unit_live &= _live_rows(lin(adapter.mlp_multiplied)).cpu()
-    mlp = _keep(unit_live, max(1, int(unit_live.sum()), at_least.get("mlp", 0)))
-    return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, mlp)
+    if not _sparse(adapter, block):
+        mlp = _mlp_units(block, adapter, adapter.mlp_activated, adapter.mlp_multiplied, adapter.mlp_out,
+                         adapter.mlp_activation(block), at_least.get("mlp", 0))
+        return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, mlp)
+    moe = block.get_submodule(adapter.mlp_path)
+    shared = None
+    if hasattr(moe, "shared_expert"):
+        shared = _mlp_units(block, adapter, "shared_gate", "shared_up", "shared_down", moe.shared_expert.act_fn,
+                            at_least.get("shared", 0))
+    return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, None,
+                     _expert_units(moe.experts, at_least.get("experts", 0)), shared)
+
+
+def _sparse(adapter: Adapter, block: nn.Module) -> bool:
+    """The block's MLP is a sparse mixture-of-experts block (surgeon.moe)."""
+    from .moe import is_moe
+
+    return bool(adapter.mlp_path) and is_moe(block.get_submodule(adapter.mlp_path))
+
+
+@torch.no_grad()
+def _mlp_units(block: nn.Module, adapter: Adapter, activated: str, multiplied: str | None, out: str,
+               activation: nn.Module, at_least: int) -> Tensor:
+    """Kept hidden units of one MLP (by its layer roles), padded to at least `at_least`."""
+    lin = lambda role: _part(block, adapter, role)  # noqa: E731
+    unit_live = _live_cols(lin(out)).cpu()
+    if _maps_zero_to_zero(activation):
+        unit_live &= _live_rows(lin(activated)).cpu()
+    if multiplied:
+        unit_live &= _live_rows(lin(multiplied)).cpu()
+    return _keep(unit_live, max(1, int(unit_live.sum()), at_least))
+
+
+@torch.no_grad()
+def _expert_units(experts: nn.Module, at_least: int) -> Tensor:
+    """(experts, width) kept hidden units of every routed expert: a unit lives where its down column, its up row
+    and (unless the activation maps 0 elsewhere) its gate row do; one width for all experts of the block, the
+    narrower ones padded with dead units of their own, and the width a multiple of 16 bytes of weights."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    units = down.shape[2]
+    live = (down != 0).any(1) & (gate_up[:, units:] != 0).any(2)
+    if _maps_zero_to_zero(experts.act_fn):
+        live &= (gate_up[:, :units] != 0).any(2)
+    live = live.cpu()
+    width = max(1, int(live.sum(1).max()), at_least)
+    align = max(1, 16 // down.element_size())  # transformers' grouped_mm kernel: rows of a multiple of 16 bytes
+    width = min(units, -(-width // align) * align)
+    return torch.stack([_keep(row, width) for row in live])
 
 
 def _flat(heads: Tensor, dims: Tensor, d: int) -> Tensor:
@@ -191,6 +244,8 @@ def _rows_per_layer(adapter: Adapter, block: nn.Module, part_rows: dict[str, Ten
         if home == role:
             out[role] = rows
     for home, spec in adapter.fused.items():
+        if not all(role in part_rows for role in spec.parts):  # a routed expert's gate|up: _set_experts
+            continue
         selected = {role: _part(block, adapter, role).rows[part_rows[role]] for role in spec.parts}
         out[home] = spec.join(selected, d)
     return out
@@ -200,11 +255,23 @@ def _apply(adapter: Adapter, block: nn.Module, plan: BlockPlan) -> None:
     attention = block.get_submodule(adapter.attention_path)
     H, K, d = adapter.heads(attention)
     part_rows = {"q": _flat(plan.heads, plan.q_dims, d), "k": _flat(plan.kv_heads, plan.k_dims, d),
-                 "v": _flat(plan.kv_heads, plan.v_dims, d), adapter.mlp_activated: plan.mlp}
-    if adapter.mlp_multiplied:
-        part_rows[adapter.mlp_multiplied] = plan.mlp
+                 "v": _flat(plan.kv_heads, plan.v_dims, d)}
+    cols = {adapter.attention_out: _flat(plan.heads, plan.o_dims, d)}
+    if plan.mlp is not None:
+        part_rows[adapter.mlp_activated] = cols[adapter.mlp_out] = plan.mlp
+        if adapter.mlp_multiplied:
+            part_rows[adapter.mlp_multiplied] = plan.mlp
+    if plan.shared is not None:
+        part_rows["shared_gate"] = part_rows["shared_up"] = cols["shared_down"] = plan.shared
+    if plan.experts is not None:
+        experts = block.get_submodule(adapter.mlp_path).experts
+        units = experts.down_proj.shape[2]
+        rows = torch.cat([plan.experts, plan.experts + units], 1).to(experts.down_proj.device)
+        keep = plan.experts.to(experts.down_proj.device)
+        gate_up = torch.stack([experts.gate_up_proj[e, rows[e]] for e in range(len(rows))])
+        down = torch.stack([experts.down_proj[e][:, keep[e]] for e in range(len(keep))])
+        _set_experts(experts, gate_up, down)
     rows = _rows_per_layer(adapter, block, part_rows, plan.q_dims.shape[1])
-    cols = {adapter.attention_out: _flat(plan.heads, plan.o_dims, d), adapter.mlp_out: plan.mlp}
     new = {role: _linear(block.get_submodule(adapter.layer_paths[role]), rows=rows.get(role), cols=cols.get(role))
            for role in (*rows, *cols)}
     for role, module in new.items():
@@ -217,20 +284,49 @@ def _resize_empty(adapter: Adapter, block: nn.Module, shape: dict) -> None:
     """Give one block the module sizes of `shape` (uninitialized weights), for loading a compacted model."""
     attention = block.get_submodule(adapter.attention_path)
     hd = shape["head_dim"]
-    rows = {"q": shape["heads"] * hd, "k": shape["kv_heads"] * hd, "v": shape["kv_heads"] * hd,
-            adapter.mlp_activated: shape["mlp"]}
-    if adapter.mlp_multiplied:
-        rows[adapter.mlp_multiplied] = shape["mlp"]
+    rows = {"q": shape["heads"] * hd, "k": shape["kv_heads"] * hd, "v": shape["kv_heads"] * hd}
+    cols = {adapter.attention_out: shape["heads"] * hd}
+    if "mlp" in shape:
+        rows[adapter.mlp_activated] = cols[adapter.mlp_out] = shape["mlp"]
+        if adapter.mlp_multiplied:
+            rows[adapter.mlp_multiplied] = shape["mlp"]
+    if "shared" in shape:
+        rows["shared_gate"] = rows["shared_up"] = cols["shared_down"] = shape["shared"]
+    if "experts" in shape:
+        experts = block.get_submodule(adapter.mlp_path).experts
+        (E, _, C), w = experts.gate_up_proj.shape, experts.gate_up_proj
+        empty = lambda *size: torch.empty(size, dtype=w.dtype, device=w.device)  # noqa: E731
+        _set_experts(experts, empty(E, 2 * shape["experts"], C), empty(E, C, shape["experts"]))
     out_rows = {}
     for role, n in rows.items():
         home = adapter.home(role)
         out_rows[home] = out_rows.get(home, 0) + n
-    cols = {adapter.attention_out: shape["heads"] * hd, adapter.mlp_out: shape["mlp"]}
     for role in (*out_rows, *cols):
         old = block.get_submodule(adapter.layer_paths[role])
         R, C = matrix(old).shape
         _replace(block, adapter.layer_paths[role], _linear(old, shape=(out_rows.get(role, R), cols.get(role, C))))
     adapter.set_heads(attention, shape["heads"], shape["kv_heads"], hd)
+
+
+def _set_experts(experts: nn.Module, gate_up: Tensor, down: Tensor) -> None:
+    """New fused expert parameters (surgeon's per-expert layers read them through, surgeon.moe)."""
+    experts.gate_up_proj = nn.Parameter(gate_up.contiguous(), requires_grad=experts.gate_up_proj.requires_grad)
+    experts.down_proj = nn.Parameter(down.contiguous(), requires_grad=experts.down_proj.requires_grad)
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = down.shape[2]
+
+
+def _units(adapter: Adapter, block: nn.Module) -> int:
+    """MLP hidden units of one block: its MLP's, or its routed experts' and shared expert's together."""
+    if not _sparse(adapter, block):
+        return _part(block, adapter, adapter.mlp_out).weight.shape[1]
+    moe = block.get_submodule(adapter.mlp_path)
+    shared = moe.shared_expert.down_proj.in_features if hasattr(moe, "shared_expert") else 0
+    return moe.experts.down_proj.shape[0] * moe.experts.down_proj.shape[2] + shared
+
+
+def _kept_units(shape: dict, experts: int) -> int:
+    return shape.get("mlp", 0) + shape.get("shared", 0) + experts * shape.get("experts", 0)
 
 
 def parameter_count(model: nn.Module) -> int:
@@ -252,14 +348,13 @@ def compact(model: nn.Module, uniform: bool = False) -> dict:
     loads the result. Returns a report: parameters before and after, kept/total heads and MLP units, and the zero
     weight entries left."""
     adapter = adapter_for(model.config.model_type)
-    if not adapter.compactable:
-        raise ValueError(f"compaction of '{model.config.model_type}' (mixture of experts) is not supported: its "
-                         "pruned rows and columns stay as zeros")
     blocks = adapter.blocks(model)
     before = parameter_count(model)
     zeros_before, _ = _zeros(adapter, model)
     heads_total = sum(adapter.heads(b.get_submodule(adapter.attention_path))[0] for b in blocks)
-    mlp_total = sum(_part(b, adapter, adapter.mlp_out).weight.shape[1] for b in blocks)
+    mlp_total = sum(_units(adapter, b) for b in blocks)
+    n_experts = [b.get_submodule(adapter.mlp_path).experts.down_proj.shape[0] if _sparse(adapter, b) else 0
+                 for b in blocks]
     for block in blocks:
         _fold_constants(adapter, block)
     dense = [adapter.heads(b.get_submodule(adapter.attention_path)) for b in blocks]
@@ -270,12 +365,17 @@ def compact(model: nn.Module, uniform: bool = False) -> dict:
     for block, plan in zip(blocks, plans):
         _apply(adapter, block, plan)
     shapes = [p.shape() for p in plans]
+    if any(n_experts):
+        # save_pretrained would write the experts back in their original per-expert checkpoint layout (a
+        # transformers conversion, reverted on save), which load_compact cannot resize: keep the fused tensors,
+        # which both load_compact and the stock from_pretrained read as they are
+        model._weight_conversions = []
     stock = adapter.stock_config(model.config, shapes)
     setattr(model.config, KEY, {"format": FORMAT, "layers": shapes, "stock_loadable": stock})
     zeros_left, prunable = _zeros(adapter, model)
     return {"params_before": before, "params": parameter_count(model),
             "heads": {"kept": sum(s["heads"] for s in shapes), "total": heads_total},
-            "mlp_units": {"kept": sum(s["mlp"] for s in shapes), "total": mlp_total},
+            "mlp_units": {"kept": sum(_kept_units(s, e) for s, e in zip(shapes, n_experts)), "total": mlp_total},
             "zeros_before": zeros_before, "zeros_left": zeros_left, "prunable_params": prunable,
             "stock_loadable": stock, "uniform": uniform, "layers": shapes}
 

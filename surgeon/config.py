@@ -464,13 +464,9 @@ def check_model_type(cfg: DictConfig) -> None:
     if model_type is None:
         return
     try:
-        adapter = adapter_for(model_type)
+        adapter_for(model_type)
     except ValueError as err:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: {err}") from None
-    if cfg.compact and not adapter.compactable:
-        raise ConfigError(f"compact={str(cfg.compact).lower()}: '{model_type}' is a mixture-of-experts family, whose "
-                          "fused expert tensors surgeon cannot shrink yet; run with compact=false (the pruned rows "
-                          "and columns stay as zeros)")
 
 
 def run_settings(cfg: DictConfig) -> dict:

@@ -150,19 +150,23 @@ def test_conformance(model_type, family_dirs, tmp_path):
         windows = runner.prepare_data(compose([f"model.name_or_path={family_dirs[model_type]}", *data(family_dirs),
                                                "eval.seq_len=32", "eval.max_windows=2"])).eval_windows
         assert perplexity(saved, windows, 8) == pytest.approx(record["final_ppl"], rel=1e-6), where
-        if structure == "structured" and adapter_for(model_type).compactable:
+        if structure == "structured":
             check_compaction(saved, ids, tmp_path / f"compact{i}", where)
 
 
 def check_compaction(model, ids, out, where):
     """Compaction (per-block and uniform) is lossless; both reload with the same logits; uniform with the stock
     class. Beside what the run removed, block 0 loses its first key-value head's value rows and block 1 eight MLP
-    units' activated rows (through the adapter's parts: inside a fused layer where the family fuses)."""
+    units' activated rows (through the adapter's parts: inside a fused layer where the family fuses; every routed
+    expert's in a mixture-of-experts block)."""
     adapter = adapter_for(model.config.model_type)
     blocks = adapter.blocks(model)
     _, _, d = adapter.heads(blocks[0].get_submodule(adapter.attention_path))
     with torch.no_grad():
-        for block, role, n in ((blocks[0], "v", d), (blocks[1], adapter.mlp_activated, 8)):
+        experts = getattr(blocks[1].get_submodule(adapter.mlp_path), "experts", None)
+        if experts is not None:  # a mixture-of-experts block: every expert loses eight units' gate rows
+            experts.gate_up_proj[:, :8] = 0
+        for block, role, n in ((blocks[0], "v", d), (blocks[1], adapter.mlp_activated, 8))[:1 + (experts is None)]:
             part = adapter.part(block, role)
             rows = part.index(torch.arange(part.weight.shape[0]) < n)
             adapters.matrix(part.module)[rows] = 0

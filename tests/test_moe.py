@@ -212,24 +212,6 @@ def test_an_expert_no_token_reaches_is_kept_and_nothing_is_nan(method):
     assert zeros / sum(l.weight.numel() for l in layers) == pytest.approx(0.5, abs=0.01)
 
 
-def test_compact_is_refused_for_a_moe_family_before_anything_loads(tmp_path):
-    """compact=true on a mixture-of-experts model: exit 2, one line naming the family, no output folder."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
-    tiny("mixtral", torch.float32).save_pretrained(tmp_path / "mixtral")
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "run.py", f"model.name_or_path={tmp_path / 'mixtral'}",
-                           "structure=structured", "compact=true", f"hydra.run.dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "'mixtral' is a mixture-of-experts family" in lines[0] and "compact=false" in lines[0]
-    assert not out.exists()
-
-
 def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """A qwen2_moe run (routed and shared experts) stopped after shot 2 of 3 resumes from its checkpoint: the
     experts' weights come back from it (their slices of the fused parameters) and the result is the
