@@ -206,3 +206,40 @@ def plot_allocation(record: dict, path) -> Path:
                  f"size {1 - record['sparsity']:.0%}")
     ax.legend(title="layer", fontsize="small", ncols=2)
     return _save(figure, path)
+
+
+def expert_allocation(record: dict) -> list[dict]:
+    """Per routed expert of a record: its calibration tokens summed over the shots, and its final remaining
+    fraction (gate|up and down together); [] for a model without routed experts."""
+    tokens: dict[str, int] = {}
+    for point in record.get("points", []):
+        for expert, n in (point.get("expert_tokens") or {}).items():
+            tokens[expert] = tokens.get(expert, 0) + n
+    out = []
+    for expert, n in tokens.items():
+        own = [layer for layer in record["layers"] if layer["name"].startswith(expert + ".")]
+        size = sum(layer["shape"][0] * layer["shape"][1] for layer in own)
+        kept = sum((1 - layer["sparsity"]) * layer["shape"][0] * layer["shape"][1] for layer in own)
+        out.append({"expert": expert, "block": own[0]["block"], "tokens": n, "remaining": kept / size})
+    return out
+
+
+def plot_expert_allocation(record: dict, path) -> Path | None:
+    """Remaining fraction of every routed expert against the calibration tokens routed to it (summed over the
+    shots), one colour per block: what the global threshold takes from rarely routed experts."""
+    rows = expert_allocation(record)
+    if not rows:
+        return None
+    figure = _figure(figsize=(6, 4), layout="constrained")
+    ax = figure.subplots()
+    for block in sorted({r["block"] for r in rows}):
+        own = [r for r in rows if r["block"] == block]
+        ax.scatter([r["tokens"] for r in own], [r["remaining"] for r in own], label=f"block {block}", s=14)
+    protocol = record["protocol"]
+    ax.set_xlabel("calibration tokens routed to the expert (all shots)")
+    ax.set_ylabel("remaining fraction of the expert")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{model_name(record)}, {method_name(protocol['method'])} {protocol['structure']}, "
+                 f"size {1 - record['sparsity']:.0%}", fontsize="medium")
+    ax.legend(fontsize="small", ncols=2)
+    return _save(figure, path)

@@ -4,7 +4,8 @@
 
 Writes tables.md, tables.tex, tables.json, ppl_vs_size.png (ppl_vs_size-2.png, ... for records measured
 with another protocol), ppl_vs_shots.png (where runs differ only in their shot count) and allocation_<run>.png
-(by default for every structured LLM Surgeon record; choose others with --allocation). Figures of
+(by default for every structured LLM Surgeon record; choose others with --allocation), and experts_<run>.png for
+every record of a mixture-of-experts model (each expert's remaining fraction against its routed tokens). Figures of
 an earlier report in --out that this one does not draw (records gone from the records files) are deleted.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from experiments.plots import plot_allocation, plot_ppl_vs_shots, plot_ppl_vs_size
+from experiments.plots import plot_allocation, plot_expert_allocation, plot_ppl_vs_shots, plot_ppl_vs_size
 from experiments.tables import NO_RECORDS, by_measurement, build_tables, load_records, to_latex, to_markdown
 
 
@@ -47,6 +48,8 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
             shots_figure = plot_ppl_vs_shots(own, out / f"ppl_vs_shots{suffix}.png")  # None: no shot sweep
             written += [shots_figure] if shots_figure else []
         written += [plot_allocation(r, out / f"allocation_{r['run_id']}.png") for r in chosen]
+        experts = [plot_expert_allocation(r, out / f"experts_{r['run_id']}.png") for r in records]  # MoE records
+        written += [path for path in experts if path]
     except ImportError as err:
         print(f"figures skipped: {err}", file=sys.stderr)  # the tables are still worth having
     else:
@@ -62,7 +65,7 @@ def remove_stale_figures(out: Path, written: list[Path]) -> None:
     """
     keep = {p.resolve() for p in written}
     for pattern in ("ppl_vs_size.png", "ppl_vs_size-*.png", "ppl_vs_shots.png", "ppl_vs_shots-*.png",
-                    "allocation_*.png"):
+                    "allocation_*.png", "experts_*.png"):
         for path in out.glob(pattern):
             if path.resolve() not in keep:
                 path.unlink()

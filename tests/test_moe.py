@@ -252,3 +252,38 @@ def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     tokens = [p["expert_tokens"] for p in resumed["points"]]
     assert len(tokens) == 3 and all(len(t) == 4 for t in tokens)  # block 0's four experts (block 1 is dense)
     assert all(sum(t.values()) == 2 * 4 * 32 for t in tokens)  # top-2 of every calibration token
+
+
+def test_upcycled_testbed_moe_starts_as_the_dense_model():
+    """experiments/train_moe.py's starting point: every expert a copy of the block's MLP behind top-2 normalised
+    routing computes the dense Llama testbed model (without the noise that lets the experts part)."""
+    from surgeon.config import shared_dir
+
+    if not (shared_dir() / "models").is_dir():
+        pytest.skip(f"testbed not found at {shared_dir()} (set SURGEON_SHARED)")
+    from experiments.train_moe import upcycle
+
+    dense = T.AutoModelForCausalLM.from_pretrained(shared_dir() / "models" / "llama-tiny-wt2").eval()
+    moe = upcycle(dense, 4, seed=0, noise=0.0).eval()
+    batch = torch.randint(0, dense.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(input_ids=batch).logits, dense(input_ids=batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_allocation_reads_tokens_and_remaining_fractions_off_the_record():
+    from experiments.plots import expert_allocation
+
+    layers = [{"name": "model.layers.0.mlp.experts.0.gate_up", "block": 0, "shape": [4, 2], "sparsity": 0.5},
+              {"name": "model.layers.0.mlp.experts.0.down", "block": 0, "shape": [2, 2], "sparsity": 1.0},
+              {"name": "model.layers.0.mlp.experts.1.gate_up", "block": 0, "shape": [4, 2], "sparsity": 0.0},
+              {"name": "model.layers.0.mlp.experts.1.down", "block": 0, "shape": [2, 2], "sparsity": 0.0},
+              {"name": "model.layers.0.self_attn.q_proj", "block": 0, "shape": [2, 2], "sparsity": 0.25}]
+    record = {"layers": layers, "points": [{"expert_tokens": {"model.layers.0.mlp.experts.0": 3,
+                                                              "model.layers.0.mlp.experts.1": 5}},
+                                           {"expert_tokens": {"model.layers.0.mlp.experts.0": 1,
+                                                              "model.layers.0.mlp.experts.1": 7}}]}
+    rows = {r["expert"]: r for r in expert_allocation(record)}
+    assert rows["model.layers.0.mlp.experts.0"]["tokens"] == 4 and rows["model.layers.0.mlp.experts.1"]["tokens"] == 12
+    assert rows["model.layers.0.mlp.experts.0"]["remaining"] == pytest.approx(4 / 12)
+    assert rows["model.layers.0.mlp.experts.1"]["remaining"] == 1.0
+    assert expert_allocation({"layers": layers[4:], "points": [{}]}) == []
