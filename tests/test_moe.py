@@ -287,3 +287,59 @@ def test_expert_allocation_reads_tokens_and_remaining_fractions_off_the_record()
     assert rows["model.layers.0.mlp.experts.0"]["remaining"] == pytest.approx(4 / 12)
     assert rows["model.layers.0.mlp.experts.1"]["remaining"] == 1.0
     assert expert_allocation({"layers": layers[4:], "points": [{}]}) == []
+
+
+def _moe_shots():
+    """Two unstructured shots on a tiny Mixtral with expert 3 starved: the masks and expert token counts."""
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    model = tiny("mixtral", torch.float32)
+    starve(model, 3)
+    layers = adapter_for("mixtral").layers(model)
+    state, out = PruneState.empty(layers), []
+    opts = ShotOptions(damping_g=0.1, tol=1e-8, max_iter=500, accumulate="float64")
+    for shot in (1, 2):
+        _, info = prune_shot(model, layers, list(ids(8).split(2)), state, 0.25 * shot, opts, seed=shot)
+        out.append({"tokens": info["expert_tokens"], "masks": {k: v.tolist() for k, v in state.removed.items()}})
+    return out
+
+
+def _moe_worker(rank: int, port: int, out: str) -> None:
+    import json
+    import os
+
+    from surgeon import distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert distributed.init(torch.device("cpu"), timeout_s=120)
+    try:
+        shots = _moe_shots()
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(shots, f)
+    finally:
+        distributed.close()
+
+
+def test_two_processes_divide_the_experts_and_give_the_one_process_masks(tmp_path):
+    """Two gloo processes, each with half the batches (an expert may see tokens in one share and none in the
+    other; expert 3 sees none anywhere): the token counts add up over the ranks, nothing waits on a sum a rank
+    did not make, and the masks are those of one process."""
+    import json
+
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    mp.start_processes(_moe_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _moe_shots()
+    finally:
+        torch.set_num_threads(threads)
+    for shots in ranks:
+        for shot, alone in zip(shots, one):
+            assert shot["tokens"] == alone["tokens"] and shot["tokens"]["model.layers.0.mlp.experts.3"] == 0
+            assert shot["masks"] == alone["masks"]
