@@ -2,7 +2,7 @@
 # The mixture-of-experts measurement (docs/moe.md): the upcycled, briefly trained Mixtral testbed model
 # (experiments/train_moe.py), LLM Surgeon against K-OBD, magnitude, SparseGPT (and Wanda) at 50% unstructured
 # and 2:4, and structured pruning of expert units (and attention) to 80% size; quick protocol (calib.n=32,
-# 128 test windows). Records go to results/moe-tiny.jsonl; tables and figures:
+# 128 test windows, 2 shots for the curvature methods). Records go to results/moe-tiny.jsonl; tables and figures:
 #   python -m experiments.report --records results/moe-tiny.jsonl --out reports/moe-tiny
 # Jobs already complete in the records are skipped (skip_done=true): rerunning continues.
 set -euo pipefail
@@ -12,10 +12,10 @@ MODEL=${MODEL:-outputs/moe-tiny-wt2}
 COMMON=(model=llama-tiny "model.name=moe-tiny" "model.name_or_path=$PWD/$MODEL" data=testbed calib.n=32
         eval.max_windows=128 max_correlate=512 results=results/moe-tiny.jsonl skip_done=true quick=true)
 for method in surgeon kobd magnitude sparsegpt wanda; do
-  shots=5; [[ $method == sparsegpt || $method == wanda ]] && shots=1
+  shots=2; [[ $method == sparsegpt || $method == wanda ]] && shots=1
   python run.py "${COMMON[@]}" method=$method structure=unstructured target=0.5 shots=$shots
   python run.py "${COMMON[@]}" method=$method structure=semistructured target=0.5 shots=$shots
 done
 for method in surgeon kobd magnitude; do
-  python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=5
+  python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=2
 done
