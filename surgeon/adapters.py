@@ -120,6 +120,7 @@ class Adapter:
     families: dict[str, str] = {}     # model_type -> what the family is (the README's table)
     blocks_path: str = ""
     layer_paths: dict[str, str] = {}  # role -> path inside one block
+    summaries: dict[str, str] = {}    # model_type -> the family table's layer list, where layer_paths would mislead
     fused: dict[str, Fused] = {}      # role of a fused layer -> the roles its rows hold
     attention_path: str = ""
     attention_out: str = ""     # role of the attention output projection (its columns are value dimensions)
@@ -498,7 +499,7 @@ def family_table() -> str:
                                          if role in adapter.fused else "")
                            for role, path in adapter.layer_paths.items())
         for model_type in cls.model_types:
-            listed = getattr(adapter, "summaries", {}).get(model_type, layers)
+            listed = adapter.summaries.get(model_type, layers)
             lines.append(f"| `{model_type}` | {cls.families[model_type]} | {listed} |")
     return "\n".join(lines)
 

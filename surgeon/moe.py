@@ -92,23 +92,3 @@ def route(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_wei
         out = down[e](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
-
-
-def expert_counts(model: nn.Module, input_ids: Tensor) -> dict[int, Tensor]:
-    """Per MoE block index (into the model's decoder blocks, in order of appearance), the number of tokens of
-    `input_ids` routed to each expert (one no-grad forward)."""
-    counts, handles = {}, []
-    blocks = [m for m in model.modules() if is_moe(m)]
-    for i, block in enumerate(blocks):
-        def hook(module, inputs, output, i=i):
-            _, _, index = output
-            E = module.num_experts if hasattr(module, "num_experts") else module.weight.shape[0]
-            counts[i] = counts.get(i, 0) + torch.bincount(index.flatten().cpu(), minlength=E)
-        handles.append(block.gate.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts

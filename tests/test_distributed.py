@@ -129,13 +129,14 @@ def _tiny_shots(shots: int = 2, structure: str = "unstructured"):
     return out
 
 
-def _balance_worker(rank: int, port: int, out: str) -> None:
+def _balance_worker(rank: int, port: int, out: str, make=None) -> None:
+    """One of two gloo processes: `make()` (default `_tiny_shots`) written as JSON to out.<rank>."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert distributed.init(torch.device("cpu"), timeout_s=120)
     try:
-        shots = _tiny_shots()
+        shots = (make or _tiny_shots)()
         with open(f"{out}.{rank}", "w") as f:
             json.dump(shots, f)
     finally:

@@ -55,10 +55,11 @@ def test_routed_forward_equals_transformers_own(model_type):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
         assert list(model.state_dict()) == keys
         # an expert layer's weight is a view of the fused parameter: writes go through
-        layer = experts[1]
-        with torch.no_grad():
-            layer.weight[0, 0] = 7.0
-        assert model.model.layers[0].mlp.experts.gate_up_proj[0, 0, 0] == 7.0 or layer.type == "expert_down"
+        fused = model.model.layers[0].mlp.experts
+        for layer, param in zip(experts[2:4], (fused.gate_up_proj, fused.down_proj)):  # expert 1's two layers
+            with torch.no_grad():
+                layer.weight[0, 0] = 7.0
+            assert param[1, 0, 0] == 7.0 and (param[0] != 7.0).all(), layer.name
 
 
 def by_hand(model, batch):
@@ -304,24 +305,6 @@ def _moe_shots():
     return out
 
 
-def _moe_worker(rank: int, port: int, out: str) -> None:
-    import json
-    import os
-
-    from surgeon import distributed
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    assert distributed.init(torch.device("cpu"), timeout_s=120)
-    try:
-        shots = _moe_shots()
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump(shots, f)
-    finally:
-        distributed.close()
-
-
 def test_two_processes_divide_the_experts_and_give_the_one_process_masks(tmp_path):
     """Two gloo processes, each with half the batches (an expert may see tokens in one share and none in the
     other; expert 3 sees none anywhere): the token counts add up over the ranks, nothing waits on a sum a rank
@@ -329,9 +312,10 @@ def test_two_processes_divide_the_experts_and_give_the_one_process_masks(tmp_pat
     import json
 
     import torch.multiprocessing as mp
-    from test_distributed import _free_port
+    from test_distributed import _balance_worker, _free_port
 
-    mp.start_processes(_moe_worker, args=(_free_port(), str(tmp_path / "out")), nprocs=2, start_method="spawn")
+    mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out"), _moe_shots), nprocs=2,
+                       start_method="spawn")
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
