@@ -181,6 +181,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
         raise ConfigError(f"curvature.kind=none is only for method=sparsegpt|wanda, not method={method}")
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
+    _check_auto_damping(cfg)
 
     _check_settings(cfg)
     _check_distributed(cfg)
@@ -223,6 +224,30 @@ def _positive_int(key: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key}={value!r} must be a positive integer" + (" or null" if allow_none else ""))
+
+
+def _check_auto_damping(cfg: DictConfig) -> None:
+    """curvature.damping=auto: a method whose costs or updates the KFAC damping moves, and sane search settings."""
+    _one_of("curvature.damping", cfg.curvature.damping, ("fixed", "auto"))
+    if cfg.curvature.damping != "auto":
+        return
+    method = cfg.method.name
+    if method in LAYERWISE_METHODS:
+        raise ConfigError(f"curvature.damping=auto sets the KFAC damping; method={method} has none (SparseGPT keeps "
+                          "its own method.percdamp); use curvature.damping=fixed")
+    if cfg.curvature.kind == "identity":
+        raise ConfigError(f"curvature.damping=auto: method={method} has identity curvature, which no damping "
+                          "changes; use curvature.damping=fixed")
+    if cfg.curvature.damping_a == 0 and cfg.curvature.damping_g == 0:
+        raise ConfigError("curvature.damping=auto scales curvature.damping_a and curvature.damping_g, which are "
+                          "both 0; give them a starting value (e.g. 0.01)")
+    auto = cfg.curvature.auto_damping
+    _positive_int("curvature.auto_damping.heldout", auto.heldout)
+    if not isinstance(auto.step, (int, float)) or isinstance(auto.step, bool) or not auto.step > 1:
+        raise ConfigError(f"curvature.auto_damping.step={auto.step!r} must be a factor > 1")
+    if isinstance(auto.tries, bool) or not isinstance(auto.tries, int) or auto.tries < 2:
+        raise ConfigError(f"curvature.auto_damping.tries={auto.tries!r} must be an integer >= 2 (the current scale "
+                          "and at least one other)")
 
 
 def _check_settings(cfg: DictConfig) -> None:

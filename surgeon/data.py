@@ -65,14 +65,43 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
 
 
-def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """(n, seq_len) windows at random offsets, seeded by `calib.seed`."""
+def calibration_starts(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The offsets of `calibration_windows`."""
     if ids.numel() <= seq_len:
         raise ConfigError(f"calibration text has {ids.numel()} tokens, fewer than calib.seq_len={seq_len}; "
                           "use a longer text (data.calib_path) or a smaller calib.seq_len")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
+    return torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
+
+
+def calibration_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(n, seq_len) windows at random offsets, seeded by `calib.seed`."""
+    starts = calibration_starts(ids, n, seq_len, seed)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def heldout_seed(calib_seed: int) -> int:
+    """The seed of the held-out windows of curvature.damping=auto: the one after the calibration seed."""
+    return calib_seed + 1
+
+
+def heldout_windows(ids: torch.Tensor, n: int, seq_len: int, seed: int, avoid: torch.Tensor) -> torch.Tensor:
+    """(n, seq_len) windows of the calibration text that share no token with the windows starting at `avoid`
+    (the calibration windows) nor with each other: random offsets (seeded by `seed`) that overlap are skipped.
+    The held-out loss of curvature.damping=auto (docs/algorithm.md section 5)."""
+    gen = torch.Generator().manual_seed(seed)
+    taken = sorted(avoid.tolist())
+    starts: list[int] = []
+    for _ in range(100):  # rounds of candidate offsets; a text this crowded fails below
+        for s in torch.randint(0, ids.numel() - seq_len, (4 * n,), generator=gen).tolist():
+            if len(starts) < n and all(abs(s - t) >= seq_len for t in taken):
+                starts.append(s)
+                taken.append(s)
+        if len(starts) == n:
+            return torch.stack([ids[s : s + seq_len] for s in starts])
+    raise ConfigError(f"the calibration text ({ids.numel()} tokens) has no room for {n} held-out windows of "
+                      f"{seq_len} tokens beside the calibration windows; lower curvature.auto_damping.heldout "
+                      "or calib.n, or use a longer text")
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -75,6 +75,10 @@ class ShotOptions:
     rank2_iters: int = _setting("curvature.rank2_iters")
     damping_a: float = _setting("curvature.damping_a", protocol=True)
     damping_g: float = _setting("curvature.damping_g", protocol=True)
+    damping: str = _setting("curvature.damping", protocol=True)  # fixed | auto (search_damping)
+    heldout: int = _setting("curvature.auto_damping.heldout", protocol=True)
+    step: float = _setting("curvature.auto_damping.step", protocol=True)
+    tries: int = _setting("curvature.auto_damping.tries", protocol=True)
     fisher: str = _setting("curvature.fisher", protocol=True)
     undamped_numerators: bool = _setting("curvature.undamped_numerators")
     blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none
@@ -207,14 +211,16 @@ def _sync(devices: list[torch.device]) -> None:
 
 
 def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
-               target: float, opts: ShotOptions, *, seed: int = 0,
-               progress: bool = False) -> tuple[dict[str, float], dict[str, dict]]:
+               target: float, opts: ShotOptions, *, seed: int = 0, progress: bool = False,
+               heldout: torch.Tensor | None = None, scale: float = 1.0) -> tuple[dict[str, float], dict[str, dict]]:
     """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
     Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none. Over several
     processes also `own_update_s`: this rank's update phase before it waits for the others' weights, and
     `balance`: what divided the layers over the processes ("R^3+C^3" in the first shot, then "previous shot":
-    the seconds each layer's costs and update took in the shot before, kept in `state.work`)."""
+    the seconds each layer's costs and update took in the shot before, kept in `state.work`).
+    With `opts.damping == "auto"`, `heldout` (windows apart from `batches`) and `scale` (the previous shot's
+    choice): the damping search of `search_damping`, whose account is `damping` in the result."""
     devices = models.devices(model)
     if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
@@ -234,10 +240,8 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     measured = all(layer.name in state.work for layer in layers)
     work = [state.work[l.name] if measured else _work(l) for l in layers]
     owner = dict(zip([l.name for l in layers], distributed.owners(work)))
-    mine = [layer for layer in layers if owner[layer.name] == rank]
-    took = dict.fromkeys([layer.name for layer in mine], 0.0)  # each own layer's costs and update, in seconds
-    lap = _lap(devices) if distributed.active() else None
-    seconds = {}
+    shot = _Shot(model, layers, devices, state, target, owner,
+                 [layer for layer in layers if owner[layer.name] == rank], measured)
     t0 = time.perf_counter()
     factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=opts.rank,
                                  kind=opts.kind, rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
@@ -245,118 +249,268 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
                                  sum_=distributed.sum_ if distributed.active() else None)
     # a routed expert that fewer than moe.min_tokens calibration tokens reached keeps its weights this shot
     routed = {name: f.tokens for name, f in factors.items() if f.tokens is not None}
-    idle = {name for name, n in routed.items() if n < opts.min_tokens}
+    shot.idle = {name for name, n in routed.items() if n < opts.min_tokens}
     for name in [name for name in factors if owner[name] != rank]:
         del factors[name]  # every rank has all factors; it keeps those of the layers it solves
     _sync(devices)
-    seconds["curvature"] = time.perf_counter() - t0
-
-    # Costs layer by layer: each layer's solver lives only while its costs are computed, so the shot never
-    # holds more than the model, the factors, the costs and one solver (section 5, memory).
-    t0 = time.perf_counter()
-    obd = opts.correlation == "none"
-    beta: dict[str, float] = {}
-    costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
-    for layer in mine:
-        if layer.name in idle:
-            inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
-            if opts.structure == "structured":
-                costs[layer.name, "rows"], costs[layer.name, "cols"] = inf((layer.out_features,)), inf(
-                    (layer.in_features,))
-            else:
-                costs[layer.name, "elements"] = inf(layer.shape)
-            continue
-        t1 = time.perf_counter()
-        scorer = _scorer(layer, factors[layer.name], opts)
-        if opts.structure == "structured":
-            costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
-            costs[layer.name, "cols"] = scorer.obd_col_costs() if obd else scorer.col_costs()
-        else:
-            costs[layer.name, "elements"] = scorer.obd_element_costs() if obd else scorer.element_costs()
-        if opts.rank == 2:
-            beta[layer.name] = scorer.beta
-        del scorer
-        if lap:
-            took[layer.name] += lap(t1)
-    if obd:
-        factors.clear()  # no update: the factors are done
-    beta = _in_layer_order(layers, distributed.gather_objects(beta))
-    uniform = opts.selection == "uniform"
-    if opts.structure == "structured":
-        # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
-        keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
-        costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
-        row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
-        col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
-        rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, target, uniform=uniform)
-        del row_costs, col_costs
-        state.rows.update(rows)
-        state.cols.update(cols)
-        for name in rows:
-            state.removed[name] = rows[name][:, None] | cols[name][None, :]
+    seconds = {"curvature": time.perf_counter() - t0}
+    if opts.damping == "auto":
+        if heldout is None:
+            raise ValueError("curvature.damping=auto needs the held-out windows (prune_shot(heldout=...))")
+        more, info = search_damping(shot, factors, opts, heldout, scale, seq_len=batches[0].shape[1],
+                                    progress=progress)
     else:
-        # element costs stay with their owner: the threshold is found from counts combined over the ranks
-        split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
-                      distributed.reduce_ints) if distributed.active() else None
-        costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
-        removed = {layer.name: state.removed[layer.name] for layer in mine}
-        if opts.structure == "semistructured":
-            state.removed.update(select_nm(costs, removed, target, opts.n, opts.m, uniform=uniform, split=split))
-        else:
-            state.removed.update(select_unstructured(costs, removed, target, uniform=uniform, consume=True,
-                                                     split=split))
-        for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
-            mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
-            state.removed[layer.name] = mask.bool()
-    del costs
-    _sync(devices)
-    seconds["costs"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    solves = {}
-    for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
-        if obd or layer.name in idle:
-            continue
-        name = layer.name
-        t1 = time.perf_counter()
-        # rebuilt from the factors (the layer's weights have not changed since its costs): one solver at a time
-        solver = _solver(layer, factors.pop(name), opts)
-        if opts.structure == "structured":
-            mode = "independent" if opts.correlation == "independent" else ("union" if opts.union == "exact"
-                                                                            else "additive")
-            W = solver.update_rows_cols(state.rows[name], state.cols[name], mode=mode)
-        elif opts.correlation == "independent":
-            W = solver.update_elements_independent(state.removed[name])
-        elif opts.solver == "grouped":
-            W = solver.update_elements(state.removed[name], max_correlate=opts.max_correlate)
-        else:
-            try:
-                W, info = solver.update_elements_joint(state.removed[name], tol=opts.tol, max_iter=opts.max_iter)
-            except NotConverged as err:
-                raise NotConverged(f"layer {name}: {err}; raise update.max_iter or update.tol and rerun with "
-                                   "resume=true, or use update.solver=grouped") from None
-            solves[name] = info.as_dict()
-        set_weight_with_bias(layer.module, W)
-        del solver, W
-        if lap:
-            took[name] += lap(t1)
-    _sync(devices)
-    own = {"own_update_s": time.perf_counter() - t0} if distributed.active() else {}  # before waiting on the others
-    if distributed.active():  # every rank the same seconds, hence the same owners in the next shot
-        state.work = _in_layer_order(layers, distributed.gather_objects(took))
-        own["balance"] = "previous shot" if measured else "R^3+C^3"
-    if not obd and distributed.active():
-        for layer in layers:  # every rank holds the same model after the shot
-            for tensor in (layer.module.weight, layer.module.bias):
-                if tensor is not None:
-                    distributed.broadcast(tensor.data, owner[layer.name])
-        solves = _in_layer_order(layers, distributed.gather_objects(solves))
-    apply_masks(layers, state)
-    _sync(devices)
-    seconds["update"] = time.perf_counter() - t0
+        more, info = shot.solve(factors, opts, keep=False, progress=progress)
+    seconds.update(more)
     experts = {name.rsplit(".", 1)[0]: n for name, n in routed.items() if name.endswith(".gate_up")}
-    return seconds, {key: value for key, value in (("solves", solves), ("beta", beta), ("expert_tokens", experts))
-                     if value} | own
+    return seconds, {key: value for key, value in (("solves", info.pop("solves")), ("beta", info.pop("beta")),
+                                                   ("expert_tokens", experts)) if value} | info
+
+
+@dataclass
+class _Shot:
+    """One shot's model, layers and division over processes: `solve` runs its costs, selection and update."""
+
+    model: object
+    layers: list[PrunableLayer]
+    devices: list
+    state: PruneState
+    target: float
+    owner: dict[str, int]
+    mine: list[PrunableLayer]  # the layers this process solves
+    measured: bool             # the division comes from the previous shot's seconds
+    idle: set = field(default_factory=set)  # routed experts without enough tokens: untouched this shot
+
+    def solve(self, factors: dict, opts: ShotOptions, *, keep: bool,
+              progress: bool = False) -> tuple[dict[str, float], dict]:
+        """Costs, selection and update under `opts` (its damping); `keep`: leave `factors` whole (for another
+        try), else each layer's are dropped once used. Returns the seconds of the costs and update phases and
+        `solves`, `beta` (and over several processes `own_update_s`, `balance`)."""
+        model, layers, state, owner, mine, idle = (self.model, self.layers, self.state, self.owner, self.mine,
+                                                   self.idle)
+        devices = self.devices
+        rank = distributed.rank()
+        took = dict.fromkeys([layer.name for layer in mine], 0.0)  # each own layer's costs and update, in seconds
+        lap = _lap(devices) if distributed.active() else None
+        seconds = {}
+        # Costs layer by layer: each layer's solver lives only while its costs are computed, so the shot never
+        # holds more than the model, the factors, the costs and one solver (section 5, memory).
+        t0 = time.perf_counter()
+        obd = opts.correlation == "none"
+        beta: dict[str, float] = {}
+        costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
+        for layer in mine:
+            if layer.name in idle:
+                inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
+                if opts.structure == "structured":
+                    costs[layer.name, "rows"], costs[layer.name, "cols"] = inf((layer.out_features,)), inf(
+                        (layer.in_features,))
+                else:
+                    costs[layer.name, "elements"] = inf(layer.shape)
+                continue
+            t1 = time.perf_counter()
+            scorer = _scorer(layer, factors[layer.name], opts)
+            if opts.structure == "structured":
+                costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
+                costs[layer.name, "cols"] = scorer.obd_col_costs() if obd else scorer.col_costs()
+            else:
+                costs[layer.name, "elements"] = scorer.obd_element_costs() if obd else scorer.element_costs()
+            if opts.rank == 2:
+                beta[layer.name] = scorer.beta
+            del scorer
+            if lap:
+                took[layer.name] += lap(t1)
+        if obd:
+            if not keep:
+                factors.clear()  # no update: the factors are done
+        beta = _in_layer_order(layers, distributed.gather_objects(beta))
+        uniform = opts.selection == "uniform"
+        if opts.structure == "structured":
+            # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
+            keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
+            costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
+            row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
+            col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
+            rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, self.target,
+                                           uniform=uniform)
+            del row_costs, col_costs
+            state.rows.update(rows)
+            state.cols.update(cols)
+            for name in rows:
+                state.removed[name] = rows[name][:, None] | cols[name][None, :]
+        else:
+            # element costs stay with their owner: the threshold is found from counts combined over the ranks
+            split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
+                          distributed.reduce_ints) if distributed.active() else None
+            costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
+            removed = {layer.name: state.removed[layer.name] for layer in mine}
+            if opts.structure == "semistructured":
+                state.removed.update(select_nm(costs, removed, self.target, opts.n, opts.m, uniform=uniform, split=split))
+            else:
+                state.removed.update(select_unstructured(costs, removed, self.target, uniform=uniform, consume=True,
+                                                         split=split))
+            for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
+                mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
+                state.removed[layer.name] = mask.bool()
+        del costs
+        _sync(devices)
+        seconds["costs"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        solves = {}
+        for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
+            if obd or layer.name in idle:
+                continue
+            name = layer.name
+            t1 = time.perf_counter()
+            # rebuilt from the factors (the layer's weights have not changed since its costs): one solver at a time
+            solver = _solver(layer, factors[name] if keep else factors.pop(name), opts)
+            if opts.structure == "structured":
+                mode = "independent" if opts.correlation == "independent" else ("union" if opts.union == "exact"
+                                                                                else "additive")
+                W = solver.update_rows_cols(state.rows[name], state.cols[name], mode=mode)
+            elif opts.correlation == "independent":
+                W = solver.update_elements_independent(state.removed[name])
+            elif opts.solver == "grouped":
+                W = solver.update_elements(state.removed[name], max_correlate=opts.max_correlate)
+            else:
+                try:
+                    W, info = solver.update_elements_joint(state.removed[name], tol=opts.tol, max_iter=opts.max_iter)
+                except NotConverged as err:
+                    raise NotConverged(f"layer {name}: {err}; raise update.max_iter or update.tol and rerun with "
+                                       "resume=true, or use update.solver=grouped") from None
+                solves[name] = info.as_dict()
+            set_weight_with_bias(layer.module, W)
+            del solver, W
+            if lap:
+                took[name] += lap(t1)
+        _sync(devices)
+        own = {"own_update_s": time.perf_counter() - t0} if distributed.active() else {}  # before waiting on the others
+        if distributed.active():  # every rank the same seconds, hence the same owners in the next shot
+            state.work = _in_layer_order(layers, distributed.gather_objects(took))
+            own["balance"] = "previous shot" if self.measured else "R^3+C^3"
+        if not obd and distributed.active():
+            for layer in layers:  # every rank holds the same model after the shot
+                for tensor in (layer.module.weight, layer.module.bias):
+                    if tensor is not None:
+                        distributed.broadcast(tensor.data, owner[layer.name])
+            solves = _in_layer_order(layers, distributed.gather_objects(solves))
+        apply_masks(layers, state)
+        _sync(devices)
+        seconds["update"] = time.perf_counter() - t0
+        return seconds, {"solves": solves, "beta": beta} | own
+
+
+def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch.Tensor, center: float, *,
+                   seq_len: int, progress: bool = False) -> tuple[dict[str, float], dict]:
+    """curvature.damping=auto (docs/algorithm.md section 5): the shot solved under the dampings
+    scale * (damping_a, damping_g) for scales center * step^k, k = 0, +1, -1, then further out on the side whose
+    end is best while tries remain; the weights and masks of the try with the lowest held-out loss are kept.
+    Every try starts from the weights and masks the shot started from. The account (`damping`): per try the
+    scale, dampings, held-out loss, its measured increase and the increase the quadratic model predicts for the
+    step the try made (`predicted_increase`), and the chosen scale."""
+    t0 = time.perf_counter()
+    start = _Snapshot.take(shot.layers, shot.state)
+    before = heldout_loss(shot.model, heldout)
+    seconds = {"costs": 0.0, "update": 0.0}
+    tried: dict[int, dict] = {}
+    best = None
+    for k in _exponents(opts.tries, tried):
+        scale = center * opts.step**k
+        if tried:
+            start.restore(shot.layers, shot.state)
+        try_opts = replace(opts, damping_a=opts.damping_a * scale, damping_g=opts.damping_g * scale)
+        more, info = shot.solve(factors, try_opts, keep=True, progress=progress)
+        for phase in seconds:
+            seconds[phase] += more[phase]
+        loss = heldout_loss(shot.model, heldout)
+        predicted = predicted_increase(shot, factors, start, seq_len)
+        tried[k] = {"scale": scale, "damping_a": try_opts.damping_a, "damping_g": try_opts.damping_g,
+                    "heldout_loss": loss, "measured": loss - before, "predicted": predicted,
+                    "ratio": (loss - before) / predicted if predicted > 0 else None}
+        if best is None or loss < tried[best[0]]["heldout_loss"]:
+            best = (k, _Snapshot.take(shot.layers, shot.state) if len(tried) < opts.tries else None, info)
+    k, kept, info = best
+    if kept is not None and k != list(tried)[-1]:
+        kept.restore(shot.layers, shot.state)
+    factors.clear()
+    chosen = tried[k]
+    seconds["damping"] = time.perf_counter() - t0 - seconds["costs"] - seconds["update"]
+    account = {"before": before, "chosen": chosen["scale"], "damping_a": chosen["damping_a"],
+               "damping_g": chosen["damping_g"], "heldout_loss": chosen["heldout_loss"],
+               "predicted": chosen["predicted"], "measured": chosen["measured"],
+               "tried": [tried[j] for j in tried]}
+    return seconds, info | {"damping": account}
+
+
+def _exponents(tries: int, tried: dict):
+    """The exponents k of the candidate scales center * step^k: 0, 1, -1, then one further out beyond the end
+    whose held-out loss is lowest, while that end is the best and tries remain (read from `tried` as it fills)."""
+    for k in (0, 1, -1)[:tries]:
+        yield k
+    while len(tried) < tries:
+        best = min(tried, key=lambda j: tried[j]["heldout_loss"])
+        if best == max(tried):
+            yield best + 1
+        elif best == min(tried):
+            yield best - 1
+        else:
+            return
+
+
+@dataclass
+class _Snapshot:
+    """The prunable layers' weights (bias column included) and the masks, copied to the host."""
+
+    weights: dict[str, torch.Tensor]
+    state: dict
+
+    @classmethod
+    def take(cls, layers: list[PrunableLayer], state: PruneState) -> "_Snapshot":
+        return cls({layer.name: weight_with_bias(layer.module).detach().cpu() for layer in layers},
+                   {key: {k: v.clone() for k, v in masks.items()} for key, masks in
+                    (("removed", state.removed), ("rows", state.rows), ("cols", state.cols))})
+
+    @torch.no_grad()
+    def restore(self, layers: list[PrunableLayer], state: PruneState) -> None:
+        for layer in layers:
+            set_weight_with_bias(layer.module, self.weights[layer.name].to(layer.weight.device))
+        for key, masks in self.state.items():
+            getattr(state, key).update({k: v.clone() for k, v in masks.items()})
+
+
+def heldout_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean over `windows` of the mean next-token cross-entropy (over several processes each takes a contiguous
+    share of the batches; every process gets the same value)."""
+    from .evaluate import window_losses
+
+    mine = distributed.share(list(windows.split(batch_size)))
+    losses = window_losses(model, torch.cat(mine), batch_size) if mine else torch.zeros(0, dtype=torch.float64)
+    return distributed.gather_losses(losses).mean().item()
+
+
+@torch.no_grad()
+def predicted_increase(shot: _Shot, factors: dict, start: _Snapshot, seq_len: int) -> float:
+    """The increase of the mean token loss that the (undamped) quadratic model predicts for the shot's step
+    D = W - W_start of every layer: 1/2 T (T-1) sum_layers <D, G D A> (+ G2 D A2 at rank 2), T = calib.seq_len
+    (docs/algorithm.md section 5: G holds gradients of per-sequence means, so the per-token Fisher is
+    T (T-1) G (x) A). Summed over the processes, each taking the layers whose factors it holds."""
+    total = 0.0
+    for layer in shot.mine:
+        f = factors.get(layer.name)
+        if f is None:
+            continue
+        W = weight_with_bias(layer.module)
+        D = (W - start.weights[layer.name].to(W.device)).to(work_dtype(W.dtype))
+        f = f.to(W.device)
+        if f.diagonal:
+            total += (D**2 * f.G[:, None] * f.A[None, :]).sum().item()
+        else:
+            total += (D * (f.G @ D @ f.A)).sum().item()
+            if f.A2 is not None:
+                total += (D * (f.G2 @ D @ f.A2)).sum().item()
+    total = sum(distributed.gather_objects(total))
+    return 0.5 * seq_len * (seq_len - 1) * total
 
 
 def _lap(devices):

@@ -95,6 +95,8 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("precision", "fp32")
             record["config"]["curvature"].setdefault("offload", "none")
             record["config"]["curvature"].setdefault("accumulate", "float32")
+            record["config"]["curvature"].setdefault("damping", "fixed")  # before curvature.damping=auto
+            record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
@@ -105,6 +107,8 @@ def upgrade(record: dict) -> dict:
         p.setdefault("precision", "fp32")
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
         p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
+        for key, value in (("damping", "fixed"), ("heldout", 8), ("step", 3.0), ("tries", 4)):
+            p.setdefault(key, value)  # before curvature.damping=auto: every damping was fixed
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)
@@ -167,7 +171,7 @@ def protocol(cfg, device: str) -> dict:
         "max_correlate": cfg.max_correlate if solver == "grouped" else None,
         "lora": bool(cfg.lora.enabled),
         "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
-                  "seed": cfg.calib.seed},
+                  "seed": cfg.calib.seed} | _heldout(cfg),
         "eval": {"dataset": cfg.data.name, "source": _eval_source(cfg), "split": cfg.data.get("eval_split", "test"),
                  "seq_len": cfg.eval.seq_len, "max_windows": cfg.eval.max_windows},
         "quick": bool(cfg.quick),
@@ -225,6 +229,16 @@ def find_complete(cfg, device: str) -> dict | None:
                 and all(pick(record.get("config", {}), k) == pick(config, k) for k in _RESULT_KEYS)):
             return record
     return None
+
+
+def _heldout(cfg) -> dict:
+    """curvature.damping=auto: where its held-out windows come from (the calibration text, apart from the
+    calibration windows; surgeon.data.heldout_windows)."""
+    if cfg.curvature.get("damping", "fixed") != "auto":
+        return {}
+    from .data import heldout_seed
+
+    return {"heldout": {"n": cfg.curvature.auto_damping.heldout, "seed": heldout_seed(cfg.calib.seed)}}
 
 
 def _calib_source(cfg) -> str:

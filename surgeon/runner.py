@@ -121,11 +121,16 @@ def _load_checkpoint(path: Path, cfg, device) -> dict | None:
 
 
 def summary_table(record: dict) -> str:
-    lines = [f"{'shot':>4} {'target':>7} {'sparsity':>8} {'ppl':>10} {'seconds':>8}",
+    auto = any(p.get("damping") for p in record["points"])  # curvature.damping=auto: the damping each shot chose
+    head = f" {'damping_a':>9} {'damping_g':>9} {'tried':>5}" if auto else ""
+    lines = [f"{'shot':>4} {'target':>7} {'sparsity':>8} {'ppl':>10} {'seconds':>8}" + head,
              f"{'dense':>4} {'':>7} {0.0:>8.4f} {record['dense_ppl'] or float('nan'):>10.3f}"]
     for p in record["points"]:
         ppl = f"{p['ppl']:>10.3f}" if p["ppl"] is not None else f"{'-':>10}"
-        lines.append(f"{p['shot']:>4} {p['target']:>7.4f} {p['sparsity']:>8.4f} {ppl} {sum(p['seconds'].values()):>8.1f}")
+        d = p.get("damping")
+        damping = f" {d['damping_a']:>9.4g} {d['damping_g']:>9.4g} {len(d['tried']):>5}" if d else ""
+        lines.append(f"{p['shot']:>4} {p['target']:>7.4f} {p['sparsity']:>8.4f} {ppl} "
+                     f"{sum(p['seconds'].values()):>8.1f}" + damping)
     c = record.get("compact")
     if c:
         lines.append(f"compacted: {c['params_before']} -> {c['params']} parameters "
@@ -228,16 +233,22 @@ class Data:
     calib: torch.Tensor         # (calib.n, calib.seq_len) calibration windows
     batches: list[torch.Tensor]
     eval_windows: torch.Tensor  # (windows, eval.seq_len)
+    heldout: torch.Tensor | None = None  # curvature.damping=auto: held-out calibration windows
 
 
 def prepare_data(cfg) -> Data:
     """Tokenizer, calibration batches and evaluation windows (section 2 data; docs/protocol.md windows)."""
     tokenizer = models.load_tokenizer(cfg)
     texts = data_mod.load_texts(cfg.data)
-    calib = data_mod.calibration_windows(data_mod.tokenize(tokenizer, texts.calib), cfg.calib.n, cfg.calib.seq_len,
-                                         cfg.calib.seed)
+    ids = data_mod.tokenize(tokenizer, texts.calib)
+    calib = data_mod.calibration_windows(ids, cfg.calib.n, cfg.calib.seq_len, cfg.calib.seed)
+    heldout = None
+    if cfg.curvature.damping == "auto":
+        starts = data_mod.calibration_starts(ids, cfg.calib.n, cfg.calib.seq_len, cfg.calib.seed)
+        heldout = data_mod.heldout_windows(ids, cfg.curvature.auto_damping.heldout, cfg.calib.seq_len,
+                                           data_mod.heldout_seed(cfg.calib.seed), starts)
     eval_w = data_mod.eval_windows(data_mod.tokenize(tokenizer, texts.eval), cfg.eval.seq_len, cfg.eval.max_windows)
-    return Data(tokenizer, calib, data_mod.batches(calib, cfg.calib.batch_size), eval_w)
+    return Data(tokenizer, calib, data_mod.batches(calib, cfg.calib.batch_size), eval_w, heldout)
 
 
 @dataclass
@@ -342,8 +353,11 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     cfg, layers = job.cfg, job.layers
     _reset_peaks(job.devices)
     check_finite(layers, f"before shot {shot}")
+    # curvature.damping=auto searches around the scale the previous shot chose (the record's, also after resume)
+    chosen = [p["damping"]["chosen"] for p in job.record["points"] if p.get("damping")]
     seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
-                                      seed=cfg.seed + shot, progress=job.main)
+                                      seed=cfg.seed + shot, progress=job.main, heldout=job.data.heldout,
+                                      scale=chosen[-1] if chosen else 1.0)
     own_update_s = solver_info.pop("own_update_s", None)
     point = {"shot": shot, "target": target, **solver_info}
     if cfg.lora.enabled:

@@ -85,6 +85,11 @@ class WandbLogger:
             metrics[f"layer_sparsity/{layer['name']}"] = sparsity
         for expert, tokens in (point.get("expert_tokens") or {}).items():  # routed experts' calibration tokens
             metrics[f"expert_tokens/{expert}"] = tokens
+        damping = point.get("damping")  # curvature.damping=auto: the chosen damping and what the search measured
+        if damping:
+            metrics.update({f"damping/{key}": damping[key] for key in
+                            ("chosen", "damping_a", "damping_g", "before", "heldout_loss", "predicted", "measured")})
+            metrics["damping/tries"] = len(damping["tried"])
         self.run.log(metrics, step=point["shot"])
 
     @_never_raises
