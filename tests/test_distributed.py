@@ -30,7 +30,10 @@ VARIANTS = {"lobd-unstructured": ["method=lobd", *STRUCTURES["unstructured"], "l
             "rank2-structured": [*STRUCTURES["structured"], "curvature.rank=2", "curvature.rank2_iters=1",
                                  "save_model=true"],
             # compaction after the last shot on every rank, its evaluation split like the others
-            "compact-structured": [*STRUCTURES["structured"], "compact=true", "save_model=true"]}
+            "compact-structured": [*STRUCTURES["structured"], "compact=true", "save_model=true"],
+            # the damping search: held-out losses split over the ranks, the same tries and choices
+            "auto-damping-structured": [*STRUCTURES["structured"], "curvature.damping=auto",
+                                        "curvature.auto_damping.heldout=4"]}
 
 
 def test_share_is_contiguous_and_owners_balance_the_work():
@@ -388,6 +391,11 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
     assert (one["processes"], two["processes"]) == (1, 2)
     if structure.startswith("rank2"):  # the shrink factors of term 2, from both ranks
         assert two["points"][-1]["beta"] == one["points"][-1]["beta"]
+    if "curvature.damping=auto" in overrides:
+        for a, b in zip(one["points"], two["points"]):
+            assert a["damping"]["chosen"] == b["damping"]["chosen"]
+            assert [t["heldout_loss"] for t in a["damping"]["tried"]] == pytest.approx(
+                [t["heldout_loss"] for t in b["damping"]["tried"]], rel=1e-9)
     if "save_model=true" in overrides:
         assert (tmp_path / "two" / "model" / "model.safetensors").is_file()
     if "compact=true" in overrides:

@@ -1,0 +1,230 @@
+"""curvature.damping=auto (docs/algorithm.md section 5): held-out windows, the candidate order, the predicted loss
+increase against a brute-force per-token Fisher, the search keeping its best try exactly, two processes, the
+runner's record, resume and the refusals."""
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from conftest import compose
+from surgeon import data as data_mod
+from surgeon import runner
+from surgeon.adapters import adapter_for, weight_with_bias
+from surgeon.config import ConfigError, validate
+from surgeon.curvature import estimate_curvature
+from surgeon.prune import PruneState, ShotOptions, _exponents, _Shot, _Snapshot, predicted_increase, prune_shot
+
+SMALL = ["calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128",
+         "curvature.auto_damping.heldout=4"]
+
+
+def tiny_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    config = OPTConfig(hidden_size=32, ffn_dim=96, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    return model, adapter_for("opt").layers(model)
+
+
+def tiny_data():
+    gen = torch.Generator().manual_seed(1)
+    batches = list(torch.randint(0, 64, (8, 16), generator=gen).split(2))
+    heldout = torch.randint(0, 64, (4, 16), generator=gen)
+    return batches, heldout
+
+
+def test_heldout_windows_share_no_token_with_the_calibration_windows():
+    ids = torch.arange(5000)  # token i at offset i: a window's ids are its span
+    starts = data_mod.calibration_starts(ids, 16, 64, 100)
+    calib = data_mod.calibration_windows(ids, 16, 64, 100)
+    assert torch.equal(calib[:, 0], starts)
+    held = data_mod.heldout_windows(ids, 8, 64, data_mod.heldout_seed(100), starts)
+    again = data_mod.heldout_windows(ids, 8, 64, data_mod.heldout_seed(100), starts)
+    assert held.shape == (8, 64) and torch.equal(held, again)
+    used = set(calib.flatten().tolist())
+    assert not used & set(held.flatten().tolist())
+    assert len(set(held.flatten().tolist())) == 8 * 64  # nor with each other
+    with pytest.raises(ConfigError, match="no room for 200 held-out windows"):
+        data_mod.heldout_windows(ids, 200, 64, 101, starts)
+
+
+def test_candidates_bracket_the_previous_scale_then_go_out_where_an_end_is_best():
+    def order(losses: dict, tries: int):
+        tried = {}
+        for k in _exponents(tries, tried):
+            tried[k] = {"heldout_loss": losses[k]}
+        return list(tried)
+
+    valley = {k: (k - 3) ** 2 for k in range(-5, 6)}  # best at k = 3
+    assert order(valley, 3) == [0, 1, -1]
+    assert order(valley, 5) == [0, 1, -1, 2, 3]
+    assert order(valley, 9) == [0, 1, -1, 2, 3, 4]  # 3 is inside: stop
+    assert order({k: (k + 2) ** 2 for k in range(-5, 6)}, 6) == [0, 1, -1, -2, -3]
+    assert order({k: abs(k) for k in range(-5, 6)}, 6) == [0, 1, -1]  # the centre is best
+    assert order(valley, 2) == [0, 1]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_predicted_increase_is_half_the_step_under_the_kronecker_fisher(rank):
+    """Brute force (float64): 1/2 T (T-1) sum over layers of vec(D)^T (G (x) A [+ G2 (x) A2]) vec(D) with the
+    Kronecker products formed, D = the change of each layer's weights and bias since the snapshot."""
+    model, layers = tiny_opt()
+    model.double()
+    batches, _ = tiny_data()
+    some = [l for l in layers if l.name.endswith(("fc1", "k_proj"))]
+    factors = estimate_curvature(model, some, batches, rank=rank, rank2_iters=2, accumulate="float64")
+    start = _Snapshot.take(layers, PruneState.empty(layers))
+    gen = torch.Generator().manual_seed(3)
+    brute = 0.0
+    with torch.no_grad():
+        for layer in some:
+            W = start.weights[layer.name]
+            D = torch.randn(W.shape, generator=gen, dtype=torch.float64)
+            layer.module.weight.copy_(W[:, :-1] + D[:, :-1])
+            layer.module.bias.copy_(W[:, -1] + D[:, -1])
+            f = factors[layer.name]
+            F = torch.kron(f.G, f.A) + (torch.kron(f.G2, f.A2) if rank == 2 else 0)
+            brute += 0.5 * (D.flatten() @ F @ D.flatten()).item()
+    T = batches[0].shape[1]
+    shot = _Shot(model, layers, [torch.device("cpu")], PruneState.empty(layers), 0.5,
+                 {l.name: 0 for l in layers}, layers, False)
+    assert predicted_increase(shot, factors, start, T) == pytest.approx(T * (T - 1) * brute, rel=1e-10)
+
+
+@pytest.mark.parametrize("overrides", [dict(structure="unstructured", damping_g=0.1),
+                                       dict(structure="structured"),
+                                       dict(structure="structured", method="kobd", correlation="none"),
+                                       dict(structure="unstructured", rank=2, damping_g=0.1)])
+def test_the_search_keeps_its_best_try_exactly(overrides):
+    """Every try starts from the shot's start (its measured increase is against the same loss), the chosen scale
+    has the lowest held-out loss, and the model and masks are those of a fixed-damping shot at the chosen
+    damping from the same start."""
+    batches, heldout = tiny_data()
+    base = dict(damping_a=0.01, damping_g=0.01, tol=1e-10, max_iter=2000, accumulate="float64", tries=4) | overrides
+    model, layers = tiny_opt()
+    state = PruneState.empty(layers)
+    prune_shot(model, layers, batches, state, 0.2, ShotOptions(**base), seed=1)  # a shot before: not a dense start
+    fixed_model, fixed_layers = tiny_opt()
+    fixed_model.load_state_dict(model.state_dict())
+    fixed_state = PruneState.from_state_dict(state.state_dict(), fixed_layers)
+
+    seconds, info = prune_shot(model, layers, batches, state, 0.4, ShotOptions(**base, damping="auto"), seed=2,
+                               heldout=heldout, scale=3.0)
+    account = info["damping"]
+    tried = account["tried"]
+    assert len(tried) >= 3 and [t["scale"] for t in tried[:3]] == pytest.approx([3.0, 9.0, 1.0])
+    best = min(tried, key=lambda t: t["heldout_loss"])
+    assert account["chosen"] == best["scale"] and account["heldout_loss"] == best["heldout_loss"]
+    for t in tried:
+        assert t["measured"] == pytest.approx(t["heldout_loss"] - account["before"], abs=1e-12)
+        assert t["damping_a"] == pytest.approx(base["damping_a"] * t["scale"])
+        assert t["damping_g"] == pytest.approx(base["damping_g"] * t["scale"])
+        assert t["predicted"] > 0
+    assert len({round(t["heldout_loss"], 12) for t in tried}) > 1, "the dampings made no difference: a weak test"
+    assert {"curvature", "costs", "update", "damping"} <= set(seconds)
+
+    chosen = ShotOptions(**base | dict(damping_a=account["damping_a"], damping_g=account["damping_g"]))
+    prune_shot(fixed_model, fixed_layers, batches, fixed_state, 0.4, chosen, seed=2)
+    for a, b in zip(layers, fixed_layers):
+        assert torch.allclose(weight_with_bias(a.module), weight_with_bias(b.module), rtol=0, atol=1e-6), a.name
+        assert torch.equal(state.removed[a.name], fixed_state.removed[b.name])
+    assert runner.perplexity(model, heldout) == pytest.approx(runner.perplexity(fixed_model, heldout), rel=1e-6)
+
+
+def _auto_shots():
+    model, layers = tiny_opt()
+    batches, heldout = tiny_data()
+    state, out = PruneState.empty(layers), []
+    opts = ShotOptions(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-8, max_iter=500,
+                       accumulate="float64", damping="auto", tries=4)
+    scale = 1.0
+    for shot in (1, 2):
+        _, info = prune_shot(model, layers, batches, state, 0.25 * shot, opts, seed=shot, heldout=heldout,
+                             scale=scale)
+        scale = info["damping"]["chosen"]
+        out.append({"damping": info["damping"], "masks": {k: v.tolist() for k, v in state.removed.items()}})
+    return out
+
+
+def test_two_processes_choose_as_one_process(tmp_path):
+    """Two gloo processes (held-out loss split over the ranks, predictions summed over the layers' owners): the
+    same tries, losses and choice as one process, and the same masks."""
+    from test_distributed import _balance_worker, _free_port
+
+    mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out"), _auto_shots), nprocs=2,
+                       start_method="spawn")
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _auto_shots()
+    finally:
+        torch.set_num_threads(threads)
+    for shots in ranks:
+        for shot, alone in zip(shots, one):
+            assert shot["masks"] == alone["masks"]
+            assert shot["damping"]["chosen"] == alone["damping"]["chosen"]
+            for a, b in zip(shot["damping"]["tried"], alone["damping"]["tried"]):
+                assert a["scale"] == b["scale"]
+                assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-9)
+                assert a["predicted"] == pytest.approx(b["predicted"], rel=1e-6)
+
+
+def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, shared, monkeypatch, capsys):
+    args = [*SMALL, "model=opt-tiny", "structure=structured", "target=0.4", "shots=3", "curvature.damping=auto",
+            f"results={tmp_path}/records.jsonl"]
+    full = runner.run(compose(args), tmp_path / "full")
+    assert full["protocol"]["damping"] == "auto" and full["protocol"]["calib"]["heldout"] == {"n": 4, "seed": 101}
+    chosen = [p["damping"]["chosen"] for p in full["points"]]
+    for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
+        assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
+        assert p["seconds"]["damping"] > 0
+    table = capsys.readouterr().out
+    assert "damping_a" in table and f"{full['points'][-1]['damping']['damping_a']:.4g}" in table
+
+    real_shot = runner._shot
+
+    def stop_at_two(job, shot, target, opts):
+        if shot == 2:
+            raise KeyboardInterrupt
+        real_shot(job, shot, target, opts)
+
+    monkeypatch.setattr(runner, "_shot", stop_at_two)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(compose(args), tmp_path / "cut")
+    monkeypatch.setattr(runner, "_shot", real_shot)
+    resumed = runner.run(compose([*args, "resume=true"]), tmp_path / "cut")
+    assert resumed["resumed_from_shot"] == 1
+    assert [p["damping"]["chosen"] for p in resumed["points"]] == chosen
+    assert [p["damping"]["tried"] for p in resumed["points"]] == [p["damping"]["tried"] for p in full["points"]]
+    assert resumed["final_ppl"] == pytest.approx(full["final_ppl"], rel=1e-9)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["method=sparsegpt", "structure=unstructured", "target=0.5"], "method=sparsegpt has none"),
+    (["method=magnitude"], "identity curvature"),
+    (["curvature.damping_a=0", "curvature.damping_g=0"], "both 0"),
+    (["curvature.auto_damping.step=1"], "step=1 must be a factor > 1"),
+    (["curvature.auto_damping.tries=1"], "tries=1 must be an integer >= 2"),
+    (["curvature.auto_damping.heldout=0"], "heldout=0 must be a positive integer"),
+    (["curvature.damping=lm"], "curvature.damping"),
+])
+def test_bad_auto_damping_settings_are_refused_up_front(override, message):
+    damping = [] if override == ["curvature.damping=lm"] else ["curvature.damping=auto"]
+    with pytest.raises(ConfigError, match=message):
+        validate(compose([*damping, *override]), check_sources=False)
+
+
+def test_records_before_auto_damping_read_as_fixed():
+    from surgeon.records import upgrade
+
+    old = {"protocol": {"method": "surgeon"}, "config": {"curvature": {"kind": "kfac"}}}
+    new = upgrade(old)
+    assert new["protocol"]["damping"] == "fixed" and new["config"]["curvature"]["damping"] == "fixed"
+    fresh = compose([])
+    assert new["config"]["curvature"]["auto_damping"] == dict(fresh.curvature.auto_damping)
+    assert {k: new["protocol"][k] for k in ("heldout", "step", "tries")} == {
+        "heldout": fresh.curvature.auto_damping.heldout, "step": fresh.curvature.auto_damping.step,
+        "tries": fresh.curvature.auto_damping.tries}
