@@ -407,8 +407,8 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
     scale * (damping_a, damping_g) for scales center * step^k, k = 0, +1, -1, then further out on the side whose
     end is best while tries remain; the weights and masks of the try with the lowest held-out loss are kept.
     Every try starts from the weights and masks the shot started from. The account (`damping`): per try the
-    scale, dampings, held-out loss, its measured increase and the increase the quadratic model predicts for the
-    step the try made (`predicted_increase`), and the chosen scale."""
+    scale, dampings, held-out loss and its increase over the shot; the chosen scale, and for its step the
+    increase the quadratic model predicts (`predicted_increase`) and the measured / predicted ratio."""
     t0 = time.perf_counter()
     start = _Snapshot.take(shot.layers, shot.state)
     before = heldout_loss(shot.model, heldout)
@@ -424,21 +424,21 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
         for phase in seconds:
             seconds[phase] += more[phase]
         loss = heldout_loss(shot.model, heldout)
-        predicted = predicted_increase(shot, factors, start, seq_len)
         tried[k] = {"scale": scale, "damping_a": try_opts.damping_a, "damping_g": try_opts.damping_g,
-                    "heldout_loss": loss, "measured": loss - before, "predicted": predicted,
-                    "ratio": (loss - before) / predicted if predicted > 0 else None}
+                    "heldout_loss": loss, "measured": loss - before}
         if best is None or loss < tried[best[0]]["heldout_loss"]:
             best = (k, _Snapshot.take(shot.layers, shot.state) if len(tried) < opts.tries else None, info)
     k, kept, info = best
     if kept is not None and k != list(tried)[-1]:
         kept.restore(shot.layers, shot.state)
-    factors.clear()
     chosen = tried[k]
+    predicted = predicted_increase(shot, factors, start, seq_len)  # of the chosen step only: it costs a costs phase
+    factors.clear()
     seconds["damping"] = time.perf_counter() - t0 - seconds["costs"] - seconds["update"]
     account = {"before": before, "chosen": chosen["scale"], "damping_a": chosen["damping_a"],
                "damping_g": chosen["damping_g"], "heldout_loss": chosen["heldout_loss"],
-               "predicted": chosen["predicted"], "measured": chosen["measured"],
+               "measured": chosen["measured"], "predicted": predicted,
+               "ratio": chosen["measured"] / predicted if predicted > 0 else None,
                "tried": [tried[j] for j in tried]}
     return seconds, info | {"damping": account}
 

@@ -88,7 +88,8 @@ class WandbLogger:
         damping = point.get("damping")  # curvature.damping=auto: the chosen damping and what the search measured
         if damping:
             metrics.update({f"damping/{key}": damping[key] for key in
-                            ("chosen", "damping_a", "damping_g", "before", "heldout_loss", "predicted", "measured")})
+                            ("chosen", "damping_a", "damping_g", "before", "heldout_loss", "predicted", "measured", "ratio")
+                            if damping.get(key) is not None})
             metrics["damping/tries"] = len(damping["tried"])
         self.run.log(metrics, step=point["shot"])
 

@@ -121,8 +121,8 @@ def test_the_search_keeps_its_best_try_exactly(overrides):
         assert t["measured"] == pytest.approx(t["heldout_loss"] - account["before"], abs=1e-12)
         assert t["damping_a"] == pytest.approx(base["damping_a"] * t["scale"])
         assert t["damping_g"] == pytest.approx(base["damping_g"] * t["scale"])
-        assert t["predicted"] > 0
     assert len({round(t["heldout_loss"], 12) for t in tried}) > 1, "the dampings made no difference: a weak test"
+    assert account["predicted"] > 0 and account["ratio"] == pytest.approx(account["measured"] / account["predicted"])
     assert {"curvature", "costs", "update", "damping"} <= set(seconds)
 
     chosen = ShotOptions(**base | dict(damping_a=account["damping_a"], damping_g=account["damping_g"]))
