@@ -43,6 +43,9 @@ def variant_settings(records: list[dict]) -> list[str]:
     return [k for k in keys if k not in PLACEMENT]
 
 
+# Settings that are None where they do not apply (a fixed damping has no search): they tell runs apart only
+# among the runs they apply to (`damping=auto` already names the search)
+APPLIES = {"auto_damping"}
 # The protocol settings summarised under each table: group -> (label, path in the protocol)
 SUMMARY = {
     "calib": (("", ("calib", "source")), ("n", ("calib", "n")), ("seq_len", ("calib", "seq_len")),
@@ -121,7 +124,8 @@ def _variant_fields(records: list[dict], fields) -> dict[str, list[str]]:
     varying = {}
     for method in {r["protocol"]["method"] for r in records}:
         own = [r for r in records if r["protocol"]["method"] == method]
-        varying[method] = [f for f in fields if len({json.dumps(r["protocol"].get(f)) for r in own}) > 1]
+        varying[method] = [f for f in fields if len({json.dumps(r["protocol"].get(f)) for r in own
+                                                     if f not in APPLIES or r["protocol"].get(f) is not None}) > 1]
     return varying
 
 

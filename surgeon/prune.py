@@ -76,9 +76,10 @@ class ShotOptions:
     damping_a: float = _setting("curvature.damping_a", protocol=True)
     damping_g: float = _setting("curvature.damping_g", protocol=True)
     damping: str = _setting("curvature.damping", protocol=True)  # fixed | auto (search_damping)
-    heldout: int = _setting("curvature.auto_damping.heldout", protocol=True)
-    step: float = _setting("curvature.auto_damping.step", protocol=True)
-    tries: int = _setting("curvature.auto_damping.tries", protocol=True)
+    # curvature.damping=auto's search; the protocol holds them (with the held-out seed) as `auto_damping`
+    heldout: int = _setting("curvature.auto_damping.heldout")
+    step: float = _setting("curvature.auto_damping.step")
+    tries: int = _setting("curvature.auto_damping.tries")
     fisher: str = _setting("curvature.fisher", protocol=True)
     undamped_numerators: bool = _setting("curvature.undamped_numerators")
     blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none

@@ -107,8 +107,8 @@ def upgrade(record: dict) -> dict:
         p.setdefault("precision", "fp32")
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
         p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
-        for key, value in (("damping", "fixed"), ("heldout", 8), ("step", 3.0), ("tries", 4)):
-            p.setdefault(key, value)  # before curvature.damping=auto: every damping was fixed
+        p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
+        p.setdefault("auto_damping", None)
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)
@@ -170,8 +170,9 @@ def protocol(cfg, device: str) -> dict:
         "solver": solver,
         "max_correlate": cfg.max_correlate if solver == "grouped" else None,
         "lora": bool(cfg.lora.enabled),
+        "auto_damping": _auto_damping(cfg),
         "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
-                  "seed": cfg.calib.seed} | _heldout(cfg),
+                  "seed": cfg.calib.seed},
         "eval": {"dataset": cfg.data.name, "source": _eval_source(cfg), "split": cfg.data.get("eval_split", "test"),
                  "seq_len": cfg.eval.seq_len, "max_windows": cfg.eval.max_windows},
         "quick": bool(cfg.quick),
@@ -231,14 +232,17 @@ def find_complete(cfg, device: str) -> dict | None:
     return None
 
 
-def _heldout(cfg) -> dict:
-    """curvature.damping=auto: where its held-out windows come from (the calibration text, apart from the
-    calibration windows; surgeon.data.heldout_windows)."""
+def _auto_damping(cfg) -> dict | None:
+    """curvature.damping=auto: its search and where its held-out windows come from (the calibration text, apart
+    from the calibration windows, at offsets drawn with `heldout_seed`: surgeon.data.heldout_windows); None for
+    a fixed damping."""
     if cfg.curvature.get("damping", "fixed") != "auto":
-        return {}
+        return None
     from .data import heldout_seed
 
-    return {"heldout": {"n": cfg.curvature.auto_damping.heldout, "seed": heldout_seed(cfg.calib.seed)}}
+    auto = cfg.curvature.auto_damping
+    return {"heldout": auto.heldout, "heldout_seed": heldout_seed(cfg.calib.seed), "step": auto.step,
+            "tries": auto.tries}
 
 
 def _calib_source(cfg) -> str:

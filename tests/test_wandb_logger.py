@@ -21,7 +21,11 @@ def opt_tiny_record(shots=3, target=0.5):
         points.append({"shot": shot, "target": s, "sparsity": s + 1e-5, "ppl": None if shot == 1 else 120.0 + 5 * shot,
                        "seconds": {"curvature": 3.1, "costs": 0.2, "update": 1.0, "lora": 0.0, "eval": 2.0},
                        "peak_memory_mb": 800.0 + shot,
-                       "layer_sparsity": [s * (0.8 + 0.1 * (i % 5)) for i in range(len(layers))]})
+                       "layer_sparsity": [s * (0.8 + 0.1 * (i % 5)) for i in range(len(layers))],
+                       # curvature.damping=auto's account
+                       "damping": {"before": 4.0, "chosen": 3.0, "damping_a": 0.03, "damping_g": 0.3,
+                                   "heldout_loss": 4.1, "measured": 0.1, "predicted": 0.05, "ratio": 2.0,
+                                   "tried": [{"scale": 1.0}, {"scale": 3.0}, {"scale": 1 / 3}]}})
     for layer, sparsity in zip(layers, points[-1]["layer_sparsity"]):
         layer["sparsity"] = sparsity
     task = {"metric": "acc", "value": 0.41, "stderr": 0.01, "num_fewshot": 0, "version": 1}
@@ -74,7 +78,7 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
         assert row[:4] == want[:4] and row[4] == pytest.approx(want[4])
     [wandb_file] = run_dir.glob("*.wandb")
     keys = (b"layer_sparsity/model.decoder.layers.3.fc2", b"seconds/curvature", b"peak_memory_mb", b"allocation_bar",
-            b"allocation_by_depth")
+            b"allocation_by_depth", b"damping/damping_g", b"damping/ratio", b"damping/tries")
     deadline = time.monotonic() + 30
     while not all(k in wandb_file.read_bytes() for k in keys) and time.monotonic() < deadline:
         time.sleep(0.2)  # W&B's service writes the run file asynchronously, after finish() returns
