@@ -182,6 +182,10 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
     _check_auto_damping(cfg)
+    eps = cfg.curvature.rank2_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ConfigError(f"curvature.rank2_eps={eps!r} must lie in (0, 1): the least curvature of the rank-2 "
+                          "Fisher relative to its damped first term")
 
     _check_settings(cfg)
     _check_distributed(cfg)

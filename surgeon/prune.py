@@ -73,6 +73,7 @@ class ShotOptions:
     union: str = _setting("union", protocol=True)
     rank: int = _setting("curvature.rank", protocol=True)
     rank2_iters: int = _setting("curvature.rank2_iters")
+    rank2_eps: float = _setting("curvature.rank2_eps", protocol=True)
     damping_a: float = _setting("curvature.damping_a", protocol=True)
     damping_g: float = _setting("curvature.damping_g", protocol=True)
     damping: str = _setting("curvature.damping", protocol=True)  # fixed | auto (search_damping)
@@ -190,7 +191,7 @@ def _solver(layer: PrunableLayer, f, opts: ShotOptions) -> LayerOBS:
     W = weight_with_bias(layer.module)
     f = f.to(W.device).dense()
     return LayerOBS(W.to(work_dtype(W.dtype)), f.A, f.G, damping_a=opts.damping_a, damping_g=opts.damping_g,
-                    has_bias=layer.bias is not None, A2=f.A2, G2=f.G2,
+                    has_bias=layer.bias is not None, A2=f.A2, G2=f.G2, rank2_eps=opts.rank2_eps,
                     undamped_numerators=opts.undamped_numerators)
 
 

@@ -95,6 +95,7 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("precision", "fp32")
             record["config"]["curvature"].setdefault("offload", "none")
             record["config"]["curvature"].setdefault("accumulate", "float32")
+            record["config"]["curvature"].setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps
             record["config"]["curvature"].setdefault("damping", "fixed")  # before curvature.damping=auto
             record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
@@ -107,6 +108,7 @@ def upgrade(record: dict) -> dict:
         p.setdefault("precision", "fp32")
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
         p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
+        p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)
     if isinstance(p, dict) and "solver" not in p:
