@@ -169,7 +169,8 @@ def test_two_processes_choose_as_one_process(tmp_path):
             for a, b in zip(shot["damping"]["tried"], alone["damping"]["tried"]):
                 assert a["scale"] == b["scale"]
                 assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-9)
-                assert a["predicted"] == pytest.approx(b["predicted"], rel=1e-6)
+                assert a["measured"] == pytest.approx(b["measured"], rel=1e-9)
+            assert shot["damping"]["predicted"] == pytest.approx(alone["damping"]["predicted"], rel=1e-6)
 
 
 def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, shared, monkeypatch, capsys):
