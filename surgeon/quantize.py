@@ -1,0 +1,180 @@
+"""Weight-only integer quantization with the OBS error-compensating update (docs/algorithm.md section 9).
+
+A layer's weights are quantized one input column at a time (GPTQ's order, Frantar et al. 2023); after each column
+the not yet quantized columns (and the bias, which is never quantized) take the OBS update that compensates the
+column's rounding error under the run's curvature F = G (x) A. Fixing a whole column at once makes the update
+independent of G (the constraint covers every row alike, so G cancels, section 9), which is why A alone drives it;
+G weighs the cost (the predicted loss increase) by which layers are compared. Entries that are exactly zero when
+quantization starts (every pruned entry) are quantized to zero, which is on every grid, so sparsity is kept.
+Round-to-nearest (`method="rtn"`) is the baseline on the same grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .obs import damp
+
+METHODS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Signed `bits`-bit integers q in [-2^(bits-1), 2^(bits-1) - 1], one scale s (and, asymmetric, an integer zero
+    point z) per output row and group of `group_size` input columns (0: the whole row); a weight is (q - z) s, so 0
+    is always on the grid. The integer range and the rounding q = clamp(round(w / s + z)) are compressed-tensors'."""
+
+    bits: int
+    symmetric: bool = True
+    group_size: int = 128
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise ValueError(f"quantize.bits={self.bits!r} must be an integer from 2 to 8")
+        if not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ValueError(f"quantize.group_size={self.group_size!r} must be a non-negative integer (0: per row)")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    def width(self, columns: int) -> int:
+        """Columns per group of a layer with `columns` inputs."""
+        return self.group_size if 0 < self.group_size < columns else columns
+
+    def fit(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (R,) of the rows of W (R, c) from their range, 0 included: symmetric, the larger of
+        max / qmax and -min / -qmin (no clipping on either side); asymmetric, (max - min) / (qmax - qmin) with the
+        zero point rounded to an integer. An all-zero row gets scale 1."""
+        lo = W.min(dim=1).values.clamp(max=0)
+        hi = W.max(dim=1).values.clamp(min=0)
+        if self.symmetric:
+            scale = torch.maximum(hi / self.qmax, lo / self.qmin)
+        else:
+            scale = (hi - lo) / (self.qmax - self.qmin)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if self.symmetric:
+            zero = torch.zeros_like(scale)
+        else:
+            zero = (self.qmin - lo / scale).round().clamp(self.qmin, self.qmax)
+        return scale, zero
+
+    def integers(self, w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """q = clamp(round(w / s + z), qmin, qmax) for w (R,) or (R, c) and per-row s, z (R,)."""
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return (w / scale + zero).round().clamp(self.qmin, self.qmax)
+
+    def round(self, w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """The grid point (q - z) s that w rounds to."""
+        q = self.integers(w, scale, zero)
+        if w.dim() == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        return (q - zero) * scale
+
+
+@dataclass
+class Quantized:
+    """One layer's result: the weight on the grid, its bias (updated, never quantized), the grid's scales and zero
+    points (R, groups), and the cost 1/2 sum_j e_j^T G e_j of its columns' steps (units of the pruning costs)."""
+
+    W: Tensor
+    bias: Tensor | None
+    scale: Tensor
+    zero: Tensor
+    cost: float
+
+
+def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor | None = None,
+                   bias: Tensor | None = None, method: str = "gptq", damping: float = 0.01,
+                   blocksize: int = 128) -> Quantized:
+    """Quantize W (R, Cw) to `grid`, keeping its exact zeros zero.
+
+    gptq: A (C, C) is the input factor, C = Cw + 1 with a bias (its trailing constant-1 input, as
+    curvature.with_bias_input builds it), else Cw; H = A + damping mean(diag A) I and U upper with U^T U = H^-1. For
+    j = 0..Cw-1: target t_j = 0 where W was zero, else the grid point of the current column (its group's grid fitted
+    on the group's current columns when the sweep enters it); e_j = (w_j - t_j) / U_jj; columns > j and the bias
+    take -e_j U_j,>j (sequential OBS with columns <= j fixed). G (R, R) or its diagonal only weighs the cost (None:
+    I, GPTQ's squared error). rtn: each entry to its nearest grid point (grid fitted on the original weights), no
+    update; the cost is still reported when A is given.
+    """
+    if method not in METHODS:
+        raise ValueError(f"quantize.method={method!r} must be one of {METHODS}")
+    R, Cw = W.shape
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    zero_before = W == 0
+    Wb = W.to(work) if bias is None else torch.cat([W.to(work), bias.to(work)[:, None]], dim=1)
+    width = grid.width(Cw)
+    groups = -(-Cw // width)
+    scales = torch.empty(R, groups, dtype=work, device=W.device)
+    zeros = torch.empty_like(scales)
+    U = None
+    if A is not None:
+        if A.shape != (Wb.shape[1], Wb.shape[1]):
+            raise ValueError(f"A has shape {tuple(A.shape)}; the layer needs ({Wb.shape[1]}, {Wb.shape[1]})")
+        H = damp(A.to(torch.float64), damping)
+        L, info = torch.linalg.cholesky_ex(H)
+        if info:
+            raise ValueError(f"quantize: the damped input factor is not positive definite; raise quantize.damping "
+                             f"(now {damping})")
+        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(work)
+    Gw = None if G is None else G.to(device=W.device, dtype=work)
+
+    def fit(j: int, cols: Tensor, removed: Tensor) -> None:
+        s, z = grid.fit(torch.where(removed, 0, cols))
+        scales[:, j // width], zeros[:, j // width] = s, z
+
+    def target(j: int, w: Tensor) -> Tensor:
+        g = j // width
+        return torch.where(zero_before[:, j], 0, grid.round(w, scales[:, g], zeros[:, g]))
+
+    if method == "rtn" or U is None:
+        if method == "gptq":
+            raise ValueError("quantize.method=gptq needs the input factor A")
+        Q = Wb.clone()
+        for j in range(0, Cw, width):
+            fit(j, Q[:, j:min(j + width, Cw)], zero_before[:, j:j + width])
+            for i in range(j, min(j + width, Cw)):
+                Q[:, i] = target(i, Q[:, i])
+        cost = _cost(Wb - Q, U, Gw, Cw) if U is not None else float("nan")
+        return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost)
+
+    Q = Wb.clone()
+    cost = 0.0
+    if width < Cw:  # a group never spans two blocks: its grid is fitted on columns that have all their updates
+        blocksize = max(width, blocksize - blocksize % width)
+    for i1 in range(0, Cw, blocksize):
+        i2 = min(i1 + blocksize, Cw)
+        W1, U1 = Q[:, i1:i2], U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % width == 0:  # the group's grid from its current columns (per row: the original weights)
+                fit(j, Q[:, :Cw] if width == Cw else W1[:, i:i + width], zero_before[:, j:j + width])
+            t = target(j, W1[:, i])
+            e = (W1[:, i] - t) / U1[i, i]
+            W1[:, i:] -= torch.outer(e, U1[i, i:])
+            W1[:, i] = t  # exactly on the grid (the subtraction leaves rounding error)
+            E1[:, i] = e
+            cost += 0.5 * float(e @ (e if Gw is None else Gw @ e if Gw.dim() == 2 else Gw * e))
+        Q[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the later columns and the bias
+    new_bias = None if bias is None else Q[:, Cw].to(bias.dtype)
+    return Quantized(Q[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost)
+
+
+def _cost(D: Tensor, U: Tensor, G: Tensor | None, Cw: int) -> float:
+    """1/2 sum_j e_j^T G e_j of a change D (R, C) made column by column with no compensation: the increase of the
+    quadratic model 1/2 vec(D)^T (G (x) H) vec(D) (rtn's cost on the same scale as gptq's)."""
+    H = torch.linalg.inv(U.double().T @ U.double())  # U^T U = H^-1
+    Dd = D.double()
+    M = Dd @ H @ Dd.T  # (R, R)
+    if G is None:
+        return 0.5 * float(M.trace())
+    G = G.double()
+    return 0.5 * float((G * M).sum() if G.dim() == 2 else (G * M.diagonal()).sum())
