@@ -45,7 +45,7 @@ def variant_settings(records: list[dict]) -> list[str]:
 
 # Settings that are None where they do not apply (a fixed damping has no search): they tell runs apart only
 # among the runs they apply to (`damping=auto` already names the search)
-APPLIES = {"auto_damping"}
+APPLIES = {"auto_damping", "quantize"}
 # The protocol settings summarised under each table: group -> (label, path in the protocol)
 SUMMARY = {
     "calib": (("", ("calib", "source")), ("n", ("calib", "n")), ("seq_len", ("calib", "seq_len")),

@@ -138,8 +138,10 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     target = cfg.target
     if not isinstance(target, (int, float)) or not 0 < target < 1:
         raise ConfigError(f"target={target!r} must be a fraction of prunable weights strictly between 0 and 1")
-    if not isinstance(cfg.shots, int) or cfg.shots < 1:
-        raise ConfigError(f"shots={cfg.shots!r} must be a positive integer")
+    quantizing = cfg.get("quantize") is not None and cfg.quantize.bits is not None
+    if not isinstance(cfg.shots, int) or cfg.shots < (0 if quantizing else 1):
+        raise ConfigError(f"shots={cfg.shots!r} must be a positive integer"
+                          + ("" if quantizing else " (shots=0, quantization alone, needs quantize.bits)"))
     for key in ("damping_a", "damping_g"):
         if cfg.curvature[key] < 0:
             raise ConfigError(f"curvature.{key}={cfg.curvature[key]} must be >= 0")
@@ -182,6 +184,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
     if cfg.curvature.rank == 2 and cfg.curvature.kind != "kfac":
         raise ConfigError(f"curvature.rank=2 needs curvature.kind=kfac, not {cfg.curvature.kind}")
     _check_auto_damping(cfg)
+    _check_quantize(cfg)
     eps = cfg.curvature.rank2_eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
         raise ConfigError(f"curvature.rank2_eps={eps!r} must lie in (0, 1): the least curvature of the rank-2 "
@@ -220,7 +223,7 @@ def validate(cfg: DictConfig, check_sources: bool = True) -> None:
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # top-level groups whose every key is in config.yaml (presets only set them): a key outside them is a typo
-CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora", "distributed")
+CLOSED_GROUPS = ("update", "curvature", "calib", "eval", "lora", "distributed", "quantize")
 
 
 def _positive_int(key: str, value, allow_none: bool = False) -> None:
@@ -252,6 +255,26 @@ def _check_auto_damping(cfg: DictConfig) -> None:
     if isinstance(auto.tries, bool) or not isinstance(auto.tries, int) or auto.tries < 2:
         raise ConfigError(f"curvature.auto_damping.tries={auto.tries!r} must be an integer >= 2 (the current scale "
                           "and at least one other)")
+
+
+def _check_quantize(cfg: DictConfig) -> None:
+    """quantize.*: the grid and the update (surgeon.quantize), before anything is loaded."""
+    q = cfg.get("quantize")
+    if q is None or q.bits is None:
+        return
+    from .quantize import METHODS
+
+    if not isinstance(q.bits, int) or isinstance(q.bits, bool) or not 2 <= q.bits <= 8:
+        raise ConfigError(f"quantize.bits={q.bits!r} must be null (no quantization) or an integer from 2 to 8")
+    if not isinstance(q.group_size, int) or isinstance(q.group_size, bool) or q.group_size < 0:
+        raise ConfigError(f"quantize.group_size={q.group_size!r} must be a non-negative integer (0: one scale per row)")
+    _one_of("quantize.method", q.method, METHODS)
+    for key in ("symmetric", "export"):
+        if not isinstance(q[key], bool):
+            raise ConfigError(f"quantize.{key}={q[key]!r} must be true or false")
+    if not isinstance(q.damping, (int, float)) or isinstance(q.damping, bool) or q.damping <= 0:
+        raise ConfigError(f"quantize.damping={q.damping!r} must be positive (A + damping mean(diag A) I)")
+    _positive_int("quantize.blocksize", q.blocksize)
 
 
 def _check_settings(cfg: DictConfig) -> None:

@@ -45,8 +45,12 @@ class Grid:
         return (1 << (self.bits - 1)) - 1
 
     def width(self, columns: int) -> int:
-        """Columns per group of a layer with `columns` inputs."""
-        return self.group_size if 0 < self.group_size < columns else columns
+        """Columns per group of a layer with `columns` inputs: the largest divisor of `columns` that is at most
+        `group_size` (576 inputs at group_size 128: groups of 96), so every group is whole, as compressed-tensors'
+        group format needs; all of them with group_size 0."""
+        if not 0 < self.group_size < columns:
+            return columns
+        return next(w for w in range(self.group_size, 0, -1) if columns % w == 0)
 
     def fit(self, W: Tensor) -> tuple[Tensor, Tensor]:
         """Scale and zero point (R,) of the rows of W (R, c) from their range, 0 included: symmetric, the larger of
@@ -178,3 +182,112 @@ def _cost(D: Tensor, U: Tensor, G: Tensor | None, Cw: int) -> float:
         return 0.5 * float(M.trace())
     G = G.double()
     return 0.5 * float((G * M).sum() if G.dim() == 2 else (G * M.diagonal()).sum())
+
+
+def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: bool = False
+                   ) -> tuple[dict, dict[str, Quantized]]:
+    """Quantize every prunable layer of `model` in place (section 9): `q` the quantize.* settings, `opts` the run's
+    prune.ShotOptions (fisher, precision, offload, accumulate, min_tokens of the curvature pass). gptq: one KFAC
+    pass over `batches` on the model as it is now (pruned, compacted) gives each layer's A (its update) and G (its
+    cost); a layer with no usable A (a routed expert fewer than moe.min_tokens calibration tokens reached, or an A
+    not positive definite after damping) is rounded to nearest, named in the report. Returns the report (per-layer
+    method, group width and cost; seconds) and each layer's result (for `export`)."""
+    import time
+
+    from . import distributed
+    from .curvature import estimate_curvature
+
+    grid = Grid(q.bits, q.symmetric, q.group_size)
+    seconds = {}
+    t0 = time.perf_counter()
+    factors = {}
+    if q.method == "gptq":
+        factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=1,
+                                     kind="kfac", seed=seed, progress=progress, precision=opts.precision,
+                                     offload=opts.offload, accumulate=opts.accumulate,
+                                     sum_=distributed.sum_ if distributed.active() else None)
+    seconds["curvature"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results, entries = {}, []
+    for layer in layers:
+        W, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+        f = factors.get(layer.name)
+        method, note = q.method, None
+        if f is not None and f.tokens is not None and f.tokens < opts.min_tokens:
+            method, note = "rtn", f"{f.tokens} routed calibration tokens (< moe.min_tokens)"
+        A = G = None
+        if f is not None:
+            f = f.to(W.device)
+            A, G = f.A, f.G
+        try:
+            res = quantize_layer(W, grid, A=A, G=G, bias=bias, method=method, damping=q.damping,
+                                 blocksize=q.blocksize)
+        except ValueError as err:
+            if method != "gptq":
+                raise
+            method, note = "rtn", str(err)
+            res = quantize_layer(W, grid, bias=bias, method="rtn")
+        with torch.no_grad():
+            layer.weight.copy_(res.W)
+            if bias is not None:
+                layer.bias.copy_(res.bias)
+        results[layer.name] = res
+        entries.append({"name": layer.name, "method": method, "group": grid.width(layer.in_features),
+                        "cost": res.cost, **({"fallback": note} if note else {})})
+    seconds["quantize"] = time.perf_counter() - t0
+    costs = [e["cost"] for e in entries if e["cost"] == e["cost"]]
+    report = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
+              "damping": q.damping, "cost": sum(costs) if costs else None, "seconds": seconds,
+              "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
+    return report, results
+
+
+def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
+    """Save `model` (its layers already on the grid) packed with compressed-tensors: one config group per group
+    width, each layer's own scales and zero points, so packing is exact and transformers (with compressed-tensors
+    installed) loads the folder with the same weights. Symmetric grids are saved `pack-quantized` (8 int4 values
+    per int32); asymmetric ones `int-quantized` (one int8 per weight), because the packed zero points of
+    pack-quantized do not reload in transformers 5 (their shape is checked against the unpacked one). The model is
+    compressed in place (compressed-tensors decompresses it on its next forward). Returns the format and the folder
+    size in bytes."""
+    from pathlib import Path
+
+    try:
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                     QuantizationStatus, apply_quantization_config)
+    except ImportError as err:
+        raise RuntimeError("quantize.export needs the compressed-tensors package: pip install -e '.[quantize]' "
+                           "(or set quantize.export=false)") from err
+    mods = dict(model.named_modules())
+    foreign = [layer.name for layer in layers if not isinstance(mods.get(layer.name), torch.nn.Linear)]
+    if foreign:
+        raise ValueError(f"quantize.export: compressed-tensors packs nn.Linear layers only; {foreign[0]} (and "
+                         f"{len(foreign) - 1} more) is not one; set quantize.export=false to save float weights")
+    grid = Grid(q.bits, q.symmetric, q.group_size)
+    by_width: dict[int, list[str]] = {}
+    for layer in layers:
+        by_width.setdefault(grid.width(layer.in_features), []).append(layer.name)
+    schemes = {}
+    for i, (width, names) in enumerate(sorted(by_width.items())):
+        per_row = q.group_size == 0
+        args = QuantizationArgs(num_bits=q.bits, type="int", symmetric=bool(q.symmetric),
+                                strategy="channel" if per_row else "group", group_size=None if per_row else width)
+        schemes[f"group_{i}"] = QuantizationScheme(targets=names, weights=args)
+    config = QuantizationConfig(config_groups=schemes, quantization_status=QuantizationStatus.FROZEN)
+    apply_quantization_config(model, config, show_progress=False)
+    with torch.no_grad():
+        for layer in layers:
+            mod, res = mods[layer.name], results[layer.name]
+            mod.weight_scale.copy_(res.scale.reshape(mod.weight_scale.shape).to(mod.weight_scale.dtype))
+            if hasattr(mod, "weight_zero_point"):
+                mod.weight_zero_point.copy_(res.zero.reshape(mod.weight_zero_point.shape).to(
+                    mod.weight_zero_point.dtype))
+    fmt = "pack-quantized" if q.symmetric else "int-quantized"
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    compressor.update_config(str(out_dir))
+    size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    return {"format": fmt, "bytes": size}

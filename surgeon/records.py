@@ -100,7 +100,10 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
-        record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
+        record["config"].setdefault("moe", {"min_tokens": 1})
+        record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
+                                                 "method": "gptq", "damping": 0.01, "blocksize": 128,
+                                                 "export": True})  # before moe.min_tokens: no routed experts
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -111,6 +114,7 @@ def upgrade(record: dict) -> dict:
         p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)
+        p.setdefault("quantize", None)  # before quantize.*: nothing was quantized
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)
@@ -173,6 +177,7 @@ def protocol(cfg, device: str) -> dict:
         "max_correlate": cfg.max_correlate if solver == "grouped" else None,
         "lora": bool(cfg.lora.enabled),
         "auto_damping": _auto_damping(cfg),
+        "quantize": _quantize(cfg),
         "calib": {"source": _calib_source(cfg), "n": cfg.calib.n, "seq_len": cfg.calib.seq_len,
                   "seed": cfg.calib.seed},
         "eval": {"dataset": cfg.data.name, "source": _eval_source(cfg), "split": cfg.data.get("eval_split", "test"),
@@ -232,6 +237,15 @@ def find_complete(cfg, device: str) -> dict | None:
                 and all(pick(record.get("config", {}), k) == pick(config, k) for k in _RESULT_KEYS)):
             return record
     return None
+
+
+def _quantize(cfg) -> dict | None:
+    """quantize.bits: the grid and its update (surgeon.quantize); None where nothing is quantized."""
+    q = cfg.get("quantize")
+    if q is None or q.bits is None:
+        return None
+    return {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
+            "damping": q.damping}
 
 
 def _auto_damping(cfg) -> dict | None:

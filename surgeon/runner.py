@@ -194,7 +194,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_hint: str | None = None) ->
         "run_id": new_run_id(), "status": "running", "started": now_iso(), "finished": None,
         "resumed_from_shot": None, "config": portable_config(to_container(cfg)), "protocol": protocol(cfg, str(device)),
         "dense_ppl": None, "final_ppl": None, "sparsity": None, "points": [], "layers": [], "lm_eval": None,
-        "versions": versions(), "git_commit": git_commit(), "model_dir": None, "compact": None,
+        "versions": versions(), "git_commit": git_commit(), "model_dir": None, "compact": None, "quantize": None,
         "error": None,
     }
     if ckpt:
@@ -266,6 +266,7 @@ class Job:
     state: PruneState = None
     start: int = 1      # the first shot still to run
     devices: list = None  # where the model is: [device], or the GPUs of a device map
+    quantized: tuple = None  # quantize.bits: (the quantized layers, their results), for the export
 
     @property
     def main(self) -> bool:
@@ -281,7 +282,7 @@ class Job:
 def _run(cfg, run_dir: Path, device, record: dict, ckpt: dict | None, wandb, data: Data) -> dict:
     """Prepare (load, restore or evaluate dense), the shots, finish (compact, lm-eval, save, record)."""
     job = _prepare(Job(cfg, run_dir, device, record, wandb, data), ckpt)
-    targets = shot_targets(cfg.target, cfg.shots, cfg.schedule)
+    targets = shot_targets(cfg.target, cfg.shots, cfg.schedule) if cfg.shots else []  # shots=0: quantization alone
     opts = ShotOptions.from_config(cfg)
     for shot in tqdm(range(job.start, cfg.shots + 1), desc="shots", initial=job.start - 1, total=cfg.shots,
                      disable=not job.main):
@@ -391,6 +392,10 @@ def _finish(job: Job) -> dict:
     cfg, record, model = job.cfg, job.record, job.model
     if cfg.compact:  # on every rank (they hold the same model): the compacted model's evaluation is split too
         record["compact"] = _compact(model, job.ppl, record["final_ppl"], uniform=cfg.compact == "uniform")
+    if cfg.quantize.bits is not None:  # on every rank, like compaction; the final perplexity is the quantized one
+        record["quantize"] = _quantize(job)
+        record["final_ppl"] = record["quantize"]["ppl"]
+        job.write()
     if not job.main:  # the other ranks' part ends with the last evaluation
         record.update(status="complete", finished=now_iso())
         return record
@@ -400,7 +405,14 @@ def _finish(job: Job) -> dict:
         model_dir = job.run_dir / "model"
         models.drop_gguf_quantization(model)  # a float checkpoint, also for a GGUF model not loaded by load_model
         model.config.use_cache = True  # off only for calibration and evaluation here; a user's generate wants it
-        model.save_pretrained(model_dir)
+        if record.get("quantize") and cfg.quantize.export:
+            from .quantize import export
+
+            record["quantize"]["export"] = export(model, *job.quantized, cfg.quantize, model_dir)
+            log.info("saved %s (%s, %.1f MB)", model_dir, record["quantize"]["export"]["format"],
+                     record["quantize"]["export"]["bytes"] / 1e6)
+        else:
+            model.save_pretrained(model_dir)
         job.data.tokenizer.save_pretrained(model_dir)
         record["model_dir"] = str(model_dir.resolve())
     record.update(status="complete", finished=now_iso())
@@ -408,6 +420,28 @@ def _finish(job: Job) -> dict:
     append_jsonl(cfg.results, record)
     print(summary_table(record))
     return record
+
+
+def _quantize(job: Job) -> dict:
+    """Weight-only quantization of the model as the shots (and compaction) left it (surgeon.quantize): the report
+    with the perplexity before and after, on the same windows."""
+    from .quantize import quantize_model
+
+    cfg, record = job.cfg, job.record
+    layers = adapter_for(job.model.config.model_type).layers(job.model)  # after compaction: the smaller layers
+    before = (record["compact"] or {}).get("ppl") or record["final_ppl"] or record["dense_ppl"]
+    report, results = quantize_model(job.model, layers, job.data.batches, cfg.quantize, ShotOptions.from_config(cfg),
+                                     seed=cfg.seed, progress=job.main)
+    job.quantized = (layers, results)
+    t0 = time.perf_counter()
+    report.update(before_ppl=before, ppl=job.ppl())
+    report["seconds"]["eval"] = time.perf_counter() - t0
+    if job.main:
+        log.info("quantized to %d bits (%s, group %d, %s): perplexity %.4f (before %s), %d layer(s) rounded to "
+                 "nearest by fallback", cfg.quantize.bits, cfg.quantize.method, cfg.quantize.group_size,
+                 "symmetric" if cfg.quantize.symmetric else "asymmetric", report["ppl"],
+                 f"{before:.4f}" if before is not None else "-", report["fallbacks"])
+    return report
 
 
 def _compact(model, ppl, final_ppl: float | None, uniform: bool) -> dict:

@@ -110,6 +110,12 @@ class WandbLogger:
         if compact:
             summary.update({"compact/params": compact["params"], "compact/params_before": compact["params_before"],
                             "compact/ppl": compact["ppl"]})
+        quantized = record.get("quantize")
+        if quantized:
+            summary.update({"quantize/ppl": quantized["ppl"], "quantize/before_ppl": quantized["before_ppl"],
+                            "quantize/cost": quantized["cost"], "quantize/bits": quantized["bits"]})
+            if quantized.get("export"):
+                summary["quantize/bytes"] = quantized["export"]["bytes"]
         self.run.summary.update(summary)
 
         table = wandb.Table(columns=["name", "type", "block", "shape", "sparsity"],
