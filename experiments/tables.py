@@ -278,10 +278,11 @@ def build_tables(records: list[dict]) -> dict:
     """The three paper tables from (selected) records: {"structured", "unstructured", "semistructured"}, and
     "other" for records that fit none of them (ablations at other targets, other N:M), so no run goes unseen."""
     # structured runs that reach one of the table's sizes (one read off at a size it never reached is an ablation)
-    structured = [r for r in records if r["protocol"]["structure"] == "structured"
+    plain = [r for r in records if not r["protocol"].get("quantize")]  # quantized runs: their own table
+    structured = [r for r in plain if r["protocol"]["structure"] == "structured"
                   and any(structured_point(r, size) is not None for size in STRUCTURED_SIZES)]
-    at_final = [r for r in records if abs(r["protocol"]["target"] - FINAL_TARGET) < 1e-9]
-    unstructured = [r for r in records if r["protocol"]["structure"] == "unstructured"
+    at_final = [r for r in plain if abs(r["protocol"]["target"] - FINAL_TARGET) < 1e-9]
+    unstructured = [r for r in plain if r["protocol"]["structure"] == "unstructured"
                     and any(abs(r["protocol"]["target"] - t) < 1e-9 for t in UNSTRUCTURED_TARGETS)]
     two_four = [r for r in at_final if r["protocol"]["structure"] == "semistructured"
                 and r["protocol"].get("n") == 2 and r["protocol"].get("m") == 4]
@@ -321,7 +322,8 @@ def build_tables(records: list[dict]) -> dict:
                     cell["params"] = compact["params"] / compact["params_before"]
                 yield size, cell
 
-    in_paper = {id(r) for r in structured + unstructured + two_four}
+    quantized = [r for r in records if r["protocol"].get("quantize")]
+    in_paper = {id(r) for r in structured + unstructured + two_four + quantized}
     other = [r for r in records if id(r) not in in_paper]
 
     tables = {}
@@ -340,7 +342,63 @@ def build_tables(records: list[dict]) -> dict:
         for i, (suffix, own) in enumerate(by_measurement(group) or [("", [])]):
             tables[name if i == 0 else f"{name}-{i + 1}"] = _table(
                 title + suffix, header, own, sizes, rows_by(own, shots_column, placed=name == "other"), cells_of)
+    if quantized:
+        for i, (suffix, own) in enumerate(by_measurement(quantized)):
+            tables["quantized" if i == 0 else f"quantized-{i + 1}"] = quantized_table(own, suffix)
     return tables
+
+
+QUANT_METHODS = {"gptq": "OBS update (run's A)", "rtn": "round to nearest"}
+
+
+def pruning_label(record: dict) -> str:
+    """What the shots before quantization did: 'none' (shots=0), else method, structure and target."""
+    p = record["protocol"]
+    if not p["shots"]:
+        return "none"
+    place = structure_label(record) if p["structure"] == "semistructured" else f"{p['structure']} {p['target']:.0%}"
+    return f"{method_name(p['method'])} {place}"
+
+
+def weights_label(record: dict | None) -> str:
+    """The grid and method of a quantized run, e.g. 'int4 g128 OBS update (run's A)'; 'float' for None."""
+    if record is None:
+        return "float"
+    q = record["protocol"]["quantize"]
+    grid = f"int{q['bits']} " + (f"g{q['group_size']}" if q["group_size"] else "per row") + (
+        "" if q["symmetric"] else " asym")
+    return f"{grid} {QUANT_METHODS.get(q['method'], q['method'])}"
+
+
+def quantized_table(records: list[dict], suffix: str = "") -> dict:
+    """Dense, pruned, quantized and both, per model: each quantized record gives its pruned model's float
+    perplexity (`quantize.before_ppl`, the 'float' row of its pruning) and its quantized one (`final_ppl`)."""
+    views, seen = [], set()
+    for record in sorted(records, key=_newness):
+        float_key = (pruning_label(record), model_name(record), record["protocol"]["calib"].get("seed"))
+        if record["protocol"]["shots"] and float_key not in seen:  # the pruned model before quantization, once
+            seen.add(float_key)
+            views.append((record, None))
+        views.append((record, record))
+    proxies = []  # one pseudo-record per row entry, carrying what _table reads
+    for record, quantized in views:
+        proxy = dict(record, final_ppl=record["quantize"]["ppl"] if quantized else record["quantize"]["before_ppl"])
+        proxy["_view"] = (record, quantized)
+        proxies.append(proxy)
+
+    def row_of(proxy):
+        record, quantized = proxy["_view"]
+        key = (pruning_label(record), weights_label(quantized))
+        order = (0 if not record["protocol"]["shots"] else 1, key[0], 0 if quantized is None else 1, key[1])
+        return ("", tuple(), order), list(key)
+
+    def cells_of(proxy):
+        return [(None, _cell(proxy, proxy["final_ppl"], proxy["protocol"]["shots"], proxy.get("sparsity")))]
+
+    table = _table("Pruned and quantized: test perplexity" + suffix, ["Pruning", "Weights"], proxies, (None,),
+                   row_of, cells_of)
+    table["time"] = run_time(records)  # of the runs, not of their two rows each
+    return table
 
 
 def structure_label(record: dict) -> str:

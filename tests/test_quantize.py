@@ -165,6 +165,12 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
+    from experiments.tables import build_tables
+
+    rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([record])["quantized"]["rows"]}
+    grid = "int4 g128" + ("" if symmetric == "true" else " asym")
+    assert rows == {("Dense (100%)", ""): record["dense_ppl"], ("LLM Surgeon unstructured 50%", "float"): q["before_ppl"],
+                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A)"): q["ppl"]}
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
     data = prepare_data(compose([*SMALL, f"model={model}"]))
     assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
@@ -183,6 +189,15 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     assert rtn["quantize"]["cost"] is None  # no curvature pass: nothing to weigh its change with
     assert gptq["quantize"]["ppl"] < rtn["quantize"]["ppl"]
     assert gptq["protocol"]["quantize"]["method"] == "gptq" and rtn["protocol"]["quantize"]["method"] == "rtn"
+    # the report's own table for them, never the paper tables (a shots=0 run has no pruning to place)
+    from experiments.tables import build_tables
+
+    tables = build_tables([gptq, rtn])
+    assert not tables["unstructured"]["rows"] and not tables["structured"]["rows"]
+    rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in tables["quantized"]["rows"]}
+    assert rows == {("Dense (100%)", ""): gptq["dense_ppl"],
+                    ("none", "int3 g128 OBS update (run's A)"): gptq["final_ppl"],
+                    ("none", "int3 g128 round to nearest"): rtn["final_ppl"]}
 
 
 def test_quantize_settings_are_checked_before_loading():
