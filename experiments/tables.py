@@ -348,7 +348,8 @@ def build_tables(records: list[dict]) -> dict:
     return tables
 
 
-QUANT_METHODS = {"gptq": "OBS update (run's A)", "rtn": "round to nearest"}
+QUANT_METHODS = {"gptq": "OBS update (run's A)", "rtn": "round to nearest",
+                 "llmcompressor-gptq": "llmcompressor GPTQ"}
 
 
 def pruning_label(record: dict) -> str:
@@ -365,7 +366,8 @@ def weights_label(record: dict | None) -> str:
     if record is None:
         return "float"
     q = record["protocol"]["quantize"]
-    grid = f"int{q['bits']} " + (f"g{q['group_size']}" if q["group_size"] else "per row") + (
+    bits = f"mixed {q['budget']:g} bits" if q.get("budget") is not None else f"int{q['bits']}"
+    grid = f"{bits} " + (f"g{q['group_size']}" if q["group_size"] else "per row") + (
         "" if q["symmetric"] else " asym")
     return f"{grid} {QUANT_METHODS.get(q['method'], q['method'])}"
 

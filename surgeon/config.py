@@ -275,6 +275,17 @@ def _check_quantize(cfg: DictConfig) -> None:
     if not isinstance(q.damping, (int, float)) or isinstance(q.damping, bool) or q.damping <= 0:
         raise ConfigError(f"quantize.damping={q.damping!r} must be positive (A + damping mean(diag A) I)")
     _positive_int("quantize.blocksize", q.blocksize)
+    if q.budget is None:
+        return
+    widths = list(q.widths) if q.widths is not None else []
+    if not widths or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8 for b in widths):
+        raise ConfigError(f"quantize.widths={widths!r} must be a list of integer widths from 2 to 8")
+    if isinstance(q.budget, bool) or not isinstance(q.budget, (int, float)) or not min(widths) <= q.budget <= max(widths):
+        raise ConfigError(f"quantize.budget={q.budget!r} must be average bits per weight between the narrowest and "
+                          f"widest of quantize.widths ({min(widths)}..{max(widths)})")
+    if q.method != "gptq":
+        raise ConfigError(f"quantize.budget allocates widths by the KFAC costs of the OBS update; quantize.method="
+                          f"{q.method} has none: use quantize.method=gptq")
 
 
 def _check_settings(cfg: DictConfig) -> None:

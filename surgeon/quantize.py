@@ -1,9 +1,9 @@
-"""Weight-only integer quantization with the OBS error-compensating update (docs/algorithm.md section 9).
+"""Weight-only integer quantization with the OBS error-compensating update (docs/algorithm.md section 10).
 
 A layer's weights are quantized one input column at a time (GPTQ's order, Frantar et al. 2023); after each column
 the not yet quantized columns (and the bias, which is never quantized) take the OBS update that compensates the
 column's rounding error under the run's curvature F = G (x) A. Fixing a whole column at once makes the update
-independent of G (the constraint covers every row alike, so G cancels, section 9), which is why A alone drives it;
+independent of G (the constraint covers every row alike, so G cancels, section 10), which is why A alone drives it;
 G weighs the cost (the predicted loss increase) by which layers are compared. Entries that are exactly zero when
 quantization starts (every pruned entry) are quantized to zero, which is on every grid, so sparsity is kept.
 Round-to-nearest (`method="rtn"`) is the baseline on the same grid.
@@ -93,6 +93,7 @@ class Quantized:
     scale: Tensor
     zero: Tensor
     cost: float
+    bits: int = 0
 
 
 def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor | None = None,
@@ -147,7 +148,7 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
             for i in range(j, min(j + width, Cw)):
                 Q[:, i] = target(i, Q[:, i])
         cost = _cost(Wb - Q, U, Gw, Cw) if U is not None else float("nan")
-        return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost)
+        return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost, grid.bits)
 
     Q = Wb.clone()
     cost = 0.0
@@ -169,7 +170,7 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
             cost += 0.5 * float(e @ (e if Gw is None else Gw @ e if Gw.dim() == 2 else Gw * e))
         Q[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the later columns and the bias
     new_bias = None if bias is None else Q[:, Cw].to(bias.dtype)
-    return Quantized(Q[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost)
+    return Quantized(Q[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost, grid.bits)
 
 
 def _cost(D: Tensor, U: Tensor, G: Tensor | None, Cw: int) -> float:
@@ -186,18 +187,19 @@ def _cost(D: Tensor, U: Tensor, G: Tensor | None, Cw: int) -> float:
 
 def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: bool = False
                    ) -> tuple[dict, dict[str, Quantized]]:
-    """Quantize every prunable layer of `model` in place (section 9): `q` the quantize.* settings, `opts` the run's
+    """Quantize every prunable layer of `model` in place (section 10): `q` the quantize.* settings, `opts` the run's
     prune.ShotOptions (fisher, precision, offload, accumulate, min_tokens of the curvature pass). gptq: one KFAC
     pass over `batches` on the model as it is now (pruned, compacted) gives each layer's A (its update) and G (its
     cost); a layer with no usable A (a routed expert fewer than moe.min_tokens calibration tokens reached, or an A
-    not positive definite after damping) is rounded to nearest, named in the report. Returns the report (per-layer
-    method, group width and cost; seconds) and each layer's result (for `export`)."""
+    not positive definite after damping) is rounded to nearest, named in the report. With `q.budget` (average bits
+    per weight) each layer's width comes from `q.widths` by `allocate_bits` over the layers' costs at every width
+    (each layer swept once per width, then once more at its own). Returns the report (per-layer method, bits, group
+    width and cost; seconds) and each layer's result (for `export`)."""
     import time
 
     from . import distributed
     from .curvature import estimate_curvature
 
-    grid = Grid(q.bits, q.symmetric, q.group_size)
     seconds = {}
     t0 = time.perf_counter()
     factors = {}
@@ -207,39 +209,104 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
                                      offload=opts.offload, accumulate=opts.accumulate,
                                      sum_=distributed.sum_ if distributed.active() else None)
     seconds["curvature"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results, entries = {}, []
-    for layer in layers:
+
+    def solve(layer, bits: int) -> tuple[Quantized, str, str | None]:
+        grid = Grid(bits, q.symmetric, q.group_size)
         W, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
         f = factors.get(layer.name)
-        method, note = q.method, None
         if f is not None and f.tokens is not None and f.tokens < opts.min_tokens:
-            method, note = "rtn", f"{f.tokens} routed calibration tokens (< moe.min_tokens)"
+            note = f"{f.tokens} routed calibration tokens (< moe.min_tokens)"
+            return quantize_layer(W, grid, bias=bias, method="rtn"), "rtn", note
         A = G = None
         if f is not None:
             f = f.to(W.device)
             A, G = f.A, f.G
         try:
-            res = quantize_layer(W, grid, A=A, G=G, bias=bias, method=method, damping=q.damping,
-                                 blocksize=q.blocksize)
+            return quantize_layer(W, grid, A=A, G=G, bias=bias, method=q.method, damping=q.damping,
+                                  blocksize=q.blocksize), q.method, None
         except ValueError as err:
-            if method != "gptq":
+            if q.method != "gptq":
                 raise
-            method, note = "rtn", str(err)
-            res = quantize_layer(W, grid, bias=bias, method="rtn")
+            return quantize_layer(W, grid, bias=bias, method="rtn"), "rtn", str(err)
+
+    budget = q.get("budget")
+    bits_of = {layer.name: q.bits for layer in layers}
+    t0 = time.perf_counter()
+    if budget is not None:
+        widths = sorted(set(q.widths))
+        costs = {layer.name: {b: solve(layer, b)[0].cost for b in widths} for layer in layers}
+        sizes = {layer.name: layer.weight.numel() for layer in layers}
+        bits_of = allocate_bits(costs, sizes, budget)
+        seconds["allocate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    results, entries = {}, []
+    for layer in layers:
+        res, method, note = solve(layer, bits_of[layer.name])
         with torch.no_grad():
             layer.weight.copy_(res.W)
-            if bias is not None:
+            if layer.bias is not None:
                 layer.bias.copy_(res.bias)
         results[layer.name] = res
-        entries.append({"name": layer.name, "method": method, "group": grid.width(layer.in_features),
+        entries.append({"name": layer.name, "method": method, "bits": res.bits,
+                        "group": Grid(res.bits, q.symmetric, q.group_size).width(layer.in_features),
                         "cost": res.cost, **({"fallback": note} if note else {})})
     seconds["quantize"] = time.perf_counter() - t0
     costs = [e["cost"] for e in entries if e["cost"] == e["cost"]]
+    sizes = [layer.weight.numel() for layer in layers]
+    mean_bits = sum(e["bits"] * n for e, n in zip(entries, sizes)) / sum(sizes)
     report = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-              "damping": q.damping, "cost": sum(costs) if costs else None, "seconds": seconds,
-              "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
+              "damping": q.damping, "budget": budget, "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
+              "seconds": seconds, "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
     return report, results
+
+
+def allocate_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:
+    """Per-layer widths that minimise the summed cost under the budget sum(bits * size) <= budget * sum(size):
+    every layer starts at its narrowest width; then the upgrade with the largest cost decrease per added bit is
+    taken while it fits, along each layer's lower convex hull of (bits, cost) (a point above the hull is never the
+    better buy). For convex costs this is the optimum of the budget it spends (the greedy solution of the
+    multiple-choice knapsack); a layer whose cost is unknown (NaN: no curvature) gets its widest width first."""
+    total = budget * sum(sizes.values())
+    chosen, hulls = {}, {}
+    for name, by_bits in costs.items():
+        points = sorted(by_bits.items())
+        if any(c != c for _, c in points):
+            chosen[name] = points[-1][0]
+            continue
+        hull = []
+        for b, c in points:  # lower convex hull, cost decreasing in bits
+            if hull and c >= hull[-1][1]:
+                continue
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (b - hull[-2][0])
+                                      >= (c - hull[-2][1]) * (hull[-1][0] - hull[-2][0])):
+                hull.pop()
+            hull.append((b, c))
+        hulls[name] = hull
+        chosen[name] = hull[0][0]
+    used = sum(chosen[n] * sizes[n] for n in costs)
+    if used > total + 1e-9 * total:
+        raise ValueError(f"quantize.budget={budget}: the narrowest widths already use {used / sum(sizes.values()):.3f} "
+                         "bits per weight")
+    step = {name: 0 for name in hulls}
+
+    def rate(name):
+        (b0, c0), (b1, c1) = hulls[name][step[name]], hulls[name][step[name] + 1]
+        return (c0 - c1) / ((b1 - b0) * sizes[name])
+
+    open_ = {name for name in hulls if len(hulls[name]) > 1}
+    while open_:
+        name = max(sorted(open_), key=rate)
+        b0, b1 = hulls[name][step[name]][0], hulls[name][step[name] + 1][0]
+        extra = (b1 - b0) * sizes[name]
+        if used + extra > total + 1e-9 * total:
+            open_.discard(name)  # this upgrade does not fit; smaller ones of other layers may
+            continue
+        used += extra
+        step[name] += 1
+        chosen[name] = b1
+        if step[name] + 1 >= len(hulls[name]):
+            open_.discard(name)
+    return chosen
 
 
 def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
@@ -264,14 +331,15 @@ def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
     if foreign:
         raise ValueError(f"quantize.export: compressed-tensors packs nn.Linear layers only; {foreign[0]} (and "
                          f"{len(foreign) - 1} more) is not one; set quantize.export=false to save float weights")
-    grid = Grid(q.bits, q.symmetric, q.group_size)
-    by_width: dict[int, list[str]] = {}
+    by_grid: dict[tuple[int, int], list[str]] = {}
     for layer in layers:
-        by_width.setdefault(grid.width(layer.in_features), []).append(layer.name)
+        bits = results[layer.name].bits
+        by_grid.setdefault((bits, Grid(bits, q.symmetric, q.group_size).width(layer.in_features)), []).append(
+            layer.name)
     schemes = {}
-    for i, (width, names) in enumerate(sorted(by_width.items())):
+    for i, ((bits, width), names) in enumerate(sorted(by_grid.items())):
         per_row = q.group_size == 0
-        args = QuantizationArgs(num_bits=q.bits, type="int", symmetric=bool(q.symmetric),
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=bool(q.symmetric),
                                 strategy="channel" if per_row else "group", group_size=None if per_row else width)
         schemes[f"group_{i}"] = QuantizationScheme(targets=names, weights=args)
     config = QuantizationConfig(config_groups=schemes, quantization_status=QuantizationStatus.FROZEN)

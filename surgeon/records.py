@@ -103,7 +103,7 @@ def upgrade(record: dict) -> dict:
         record["config"].setdefault("moe", {"min_tokens": 1})
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
-                                                 "export": True})  # before moe.min_tokens: no routed experts
+                                                 "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8]})  # before moe.min_tokens: no routed experts
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -244,8 +244,11 @@ def _quantize(cfg) -> dict | None:
     q = cfg.get("quantize")
     if q is None or q.bits is None:
         return None
-    return {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-            "damping": q.damping}
+    out = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
+           "damping": q.damping}
+    if q.get("budget") is not None:  # mixed precision: the widths come from the budget, not `bits`
+        out.update(bits=None, budget=q.budget, widths=sorted(set(q.widths)))
+    return out
 
 
 def _auto_damping(cfg) -> dict | None:

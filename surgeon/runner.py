@@ -437,8 +437,8 @@ def _quantize(job: Job) -> dict:
     report.update(before_ppl=before, ppl=job.ppl())
     report["seconds"]["eval"] = time.perf_counter() - t0
     if job.main:
-        log.info("quantized to %d bits (%s, group %d, %s): perplexity %.4f (before %s), %d layer(s) rounded to "
-                 "nearest by fallback", cfg.quantize.bits, cfg.quantize.method, cfg.quantize.group_size,
+        log.info("quantized to %.3g bits per weight (%s, group %d, %s): perplexity %.4f (before %s), %d layer(s) "
+                 "rounded to nearest by fallback", report["mean_bits"], cfg.quantize.method, cfg.quantize.group_size,
                  "symmetric" if cfg.quantize.symmetric else "asymmetric", report["ppl"],
                  f"{before:.4f}" if before is not None else "-", report["fallbacks"])
     return report

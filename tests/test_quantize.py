@@ -210,3 +210,56 @@ def test_quantize_settings_are_checked_before_loading():
                              (["shots=0"], "needs quantize.bits")]:
         with pytest.raises(ConfigError, match=match):
             validate(compose(overrides), check_sources=False)
+
+
+def test_bit_allocation_is_the_brute_force_optimum_for_convex_costs():
+    """Equal-size layers with convex costs (each bit divides a layer's cost by its own factor): the greedy
+    allocation equals the best of all allocations within the budget; the budget is never exceeded."""
+    from surgeon.quantize import allocate_bits
+
+    g = torch.Generator().manual_seed(12)
+    widths = [2, 3, 4, 6, 8]
+    for trial in range(20):
+        n = 4
+        base = (torch.rand(n, generator=g) * 10 + 0.1).tolist()
+        decay = (torch.rand(n, generator=g) * 3 + 1.5).tolist()
+        costs = {f"l{i}": {b: base[i] * decay[i] ** -b for b in widths} for i in range(n)}
+        sizes = {f"l{i}": 100 for i in range(n)}
+        budget = [3.0, 3.5, 4.0, 4.5, 5.0][trial % 5]
+        got = allocate_bits(costs, sizes, budget)
+        assert sum(got[k] * sizes[k] for k in got) <= budget * sum(sizes.values())
+        best = min((c for c in itertools.product(widths, repeat=n) if sum(c) <= budget * n),
+                   key=lambda c: sum(costs[f"l{i}"][b] for i, b in enumerate(c)))
+        got_cost = sum(costs[k][got[k]] for k in got)
+        best_cost = sum(costs[f"l{i}"][b] for i, b in enumerate(best))
+        # greedy on the hull is optimal up to the budget it cannot spend in whole steps: never worse than the
+        # optimum at the budget one step (2 bits of one layer) lower
+        lower = min((c for c in itertools.product(widths, repeat=n) if sum(c) <= budget * n - 2),
+                    key=lambda c: sum(costs[f"l{i}"][b] for i, b in enumerate(c)))
+        assert best_cost <= got_cost + 1e-12
+        assert got_cost <= sum(costs[f"l{i}"][b] for i, b in enumerate(lower)) + 1e-12
+
+
+def test_allocation_takes_bits_from_the_cheap_layers_and_refuses_an_impossible_budget():
+    from surgeon.quantize import allocate_bits
+
+    costs = {"cheap": {2: 1.0, 4: 0.1, 8: 0.01}, "dear": {2: 100.0, 4: 10.0, 8: 1.0}}
+    assert allocate_bits(costs, {"cheap": 10, "dear": 10}, 5.0) == {"cheap": 2, "dear": 8}
+    with pytest.raises(ValueError, match="narrowest widths"):
+        allocate_bits(costs, {"cheap": 10, "dear": 10}, 1.5)
+
+
+def test_mixed_precision_run_meets_its_budget_and_reloads(tmp_path, shared):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.runner import perplexity, prepare_data
+
+    record = _run(tmp_path, "mixed", ["model=llama-tiny", "shots=0", "quantize=w4g128", "quantize.budget=3.5",
+                                      "quantize.widths=[2,3,4,8]", "save_model=true"])
+    q = record["quantize"]
+    assert record["protocol"]["quantize"]["budget"] == 3.5 and record["protocol"]["quantize"]["bits"] is None
+    assert q["mean_bits"] <= 3.5 and len({e["bits"] for e in q["layers"]}) > 1
+    assert q["seconds"]["allocate"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
+    data = prepare_data(compose([*SMALL, "model=llama-tiny"]))
+    assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
