@@ -443,18 +443,24 @@ def test_reproduce_status_expands_each_multirun_and_finds_complete_jobs(tmp_path
     assert "unstructured70: 1/6 jobs complete" in printed and printed.count("missing:") == 5
 
 
-@pytest.mark.parametrize("records, out, block", [("testbed", "testbed", None), ("smollm2", "smollm2", "smollm2"),
-                                                 ("smollm2-diag", "smollm2-damping", "smollm2-damping")])
-def test_readme_tables_are_the_committed_records_output(records, out, block):
+GENERATED_BLOCKS = [  # (record files, report folder, block name, page): every generated block of the docs
+    (("testbed",), "testbed", None, "README.md"),
+    (("smollm2",), "smollm2", "smollm2", "docs/real-model.md"),
+    (("smollm2-diag",), "smollm2-damping", "smollm2-damping", "docs/real-model.md"),
+    (("moe-tiny",), "moe-tiny", "moe-tiny", "docs/moe.md"),
+]
+
+
+@pytest.mark.parametrize("records, out, block, page", GENERATED_BLOCKS)
+def test_readme_tables_are_the_committed_records_output(records, out, block, page):
     # acceptance: each generated block of the README is its committed records' tables, never typed
     from conftest import ROOT
     from experiments.report import readme_block, readme_tables
 
-    tables = to_markdown(build_tables(load_records(ROOT / "results" / f"{records}.jsonl")))
+    tables = to_markdown(build_tables(load_records([ROOT / "results" / f"{r}.jsonl" for r in records])))
     expected = readme_block(tables) if block is None else readme_block(tables, 2)
-    page = "README.md" if block is None else "docs/real-model.md"  # the SmolLM2 blocks live on its page
-    command = (f"python -m experiments.report --records results/{records}.jsonl --out reports/{out} --readme {page}"
-               + ("" if block is None else f" --block {block}"))
+    command = (f"python -m experiments.report --records {' '.join(f'results/{r}.jsonl' for r in records)} "
+               f"--out reports/{out} --readme {page}" + ("" if block is None else f" --block {block}"))
     assert readme_tables(ROOT / page, block) == expected, f"{page} tables differ from the records: {command}"
 
 
