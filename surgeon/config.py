@@ -262,13 +262,14 @@ def _check_quantize(cfg: DictConfig) -> None:
     q = cfg.get("quantize")
     if q is None or q.bits is None:
         return
-    from .quantize import METHODS
+    from .quantize import METHODS, ORDERS
 
     if not isinstance(q.bits, int) or isinstance(q.bits, bool) or not 2 <= q.bits <= 8:
         raise ConfigError(f"quantize.bits={q.bits!r} must be null (no quantization) or an integer from 2 to 8")
     if not isinstance(q.group_size, int) or isinstance(q.group_size, bool) or q.group_size < 0:
         raise ConfigError(f"quantize.group_size={q.group_size!r} must be a non-negative integer (0: one scale per row)")
     _one_of("quantize.method", q.method, METHODS)
+    _one_of("quantize.order", q.order, ORDERS)
     for key in ("symmetric", "export"):
         if not isinstance(q[key], bool):
             raise ConfigError(f"quantize.{key}={q[key]!r} must be true or false")

@@ -18,6 +18,7 @@ from torch import Tensor
 from .obs import damp
 
 METHODS = ("gptq", "rtn")
+ORDERS = ("natural", "act")
 
 
 @dataclass(frozen=True)
@@ -98,19 +99,24 @@ class Quantized:
 
 def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor | None = None,
                    bias: Tensor | None = None, method: str = "gptq", damping: float = 0.01,
-                   blocksize: int = 128) -> Quantized:
+                   blocksize: int = 128, order: str = "natural") -> Quantized:
     """Quantize W (R, Cw) to `grid`, keeping its exact zeros zero.
 
     gptq: A (C, C) is the input factor, C = Cw + 1 with a bias (its trailing constant-1 input, as
-    curvature.with_bias_input builds it), else Cw; H = A + damping mean(diag A) I and U upper with U^T U = H^-1. For
-    j = 0..Cw-1: target t_j = 0 where W was zero, else the grid point of the current column (its group's grid fitted
-    on the group's current columns when the sweep enters it); e_j = (w_j - t_j) / U_jj; columns > j and the bias
-    take -e_j U_j,>j (sequential OBS with columns <= j fixed). G (R, R) or its diagonal only weighs the cost (None:
-    I, GPTQ's squared error). rtn: each entry to its nearest grid point (grid fitted on the original weights), no
-    update; the cost is still reported when A is given.
+    curvature.with_bias_input builds it), else Cw; H = A + damping mean(diag A) I and U upper with U^T U = H^-1 (of
+    H in the sweep's column order). In that order, column by column: target t_j = 0 where W was zero, else the grid
+    point of the current column; e_j = (w_j - t_j) / U_jj; the later columns and the bias take -e_j U_j,>j
+    (sequential OBS with the columns done so far fixed). order="natural": columns 0..Cw-1, each group's grid fitted
+    on its current columns when the sweep enters it; "act": columns by decreasing diag(A) (GPTQ's activation
+    order), every group's grid fitted first on the original weights ("static groups", so a group's columns may be
+    anywhere in the order). G (R, R) or its diagonal only weighs the cost (None: I, GPTQ's squared error). rtn:
+    each entry to its nearest grid point (grid fitted on the original weights), no update; the cost is still
+    reported when A is given.
     """
     if method not in METHODS:
         raise ValueError(f"quantize.method={method!r} must be one of {METHODS}")
+    if order not in ORDERS:
+        raise ValueError(f"quantize.order={order!r} must be one of {ORDERS}")
     R, Cw = W.shape
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     zero_before = W == 0
@@ -119,49 +125,60 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
     groups = -(-Cw // width)
     scales = torch.empty(R, groups, dtype=work, device=W.device)
     zeros = torch.empty_like(scales)
-    U = None
+    H = None
     if A is not None:
         if A.shape != (Wb.shape[1], Wb.shape[1]):
             raise ValueError(f"A has shape {tuple(A.shape)}; the layer needs ({Wb.shape[1]}, {Wb.shape[1]})")
-        H = damp(A.to(torch.float64), damping)
-        L, info = torch.linalg.cholesky_ex(H)
-        if info:
-            raise ValueError(f"quantize: the damped input factor is not positive definite; raise quantize.damping "
-                             f"(now {damping})")
-        U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(work)
+        H = damp(A.to(device=W.device, dtype=torch.float64), damping)
     Gw = None if G is None else G.to(device=W.device, dtype=work)
 
-    def fit(j: int, cols: Tensor, removed: Tensor) -> None:
-        s, z = grid.fit(torch.where(removed, 0, cols))
-        scales[:, j // width], zeros[:, j // width] = s, z
+    def fit(g: int, cols: Tensor) -> None:  # group g's grid from `cols` (its columns), pruned entries as 0
+        s, z = grid.fit(torch.where(zero_before[:, g * width:(g + 1) * width], 0, cols))
+        scales[:, g], zeros[:, g] = s, z
 
-    def target(j: int, w: Tensor) -> Tensor:
+    def target(j: int, w: Tensor) -> Tensor:  # j: the column's index in W
         g = j // width
         return torch.where(zero_before[:, j], 0, grid.round(w, scales[:, g], zeros[:, g]))
 
-    if method == "rtn" or U is None:
+    if method == "rtn" or H is None:
         if method == "gptq":
             raise ValueError("quantize.method=gptq needs the input factor A")
         Q = Wb.clone()
-        for j in range(0, Cw, width):
-            fit(j, Q[:, j:min(j + width, Cw)], zero_before[:, j:j + width])
-            for i in range(j, min(j + width, Cw)):
-                Q[:, i] = target(i, Q[:, i])
-        cost = _cost(Wb - Q, U, Gw, Cw) if U is not None else float("nan")
+        for g in range(groups):
+            fit(g, Q[:, g * width:min((g + 1) * width, Cw)])
+            for j in range(g * width, min((g + 1) * width, Cw)):
+                Q[:, j] = target(j, Q[:, j])
+        cost = _cost(Wb - Q, H, Gw) if H is not None else float("nan")
         return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost, grid.bits)
 
-    Q = Wb.clone()
+    C = Wb.shape[1]
+    if order == "act":
+        perm = torch.argsort(-H.diagonal()[:Cw], stable=True).to(W.device)
+        for g in range(groups):  # static groups: every grid from the original weights
+            fit(g, Wb[:, g * width:min((g + 1) * width, Cw)])
+    else:
+        perm = torch.arange(Cw, device=W.device)
+    full = torch.cat([perm, torch.arange(Cw, C, device=W.device)])  # the bias stays last, never fixed
+    H = H[full][:, full]
+    L, info = torch.linalg.cholesky_ex(H)
+    if info:
+        raise ValueError(f"quantize: the damped input factor is not positive definite; raise quantize.damping "
+                         f"(now {damping})")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(work)
+    index = perm.tolist()
+    Q = Wb[:, full].clone()  # in the sweep's order
     cost = 0.0
-    if width < Cw:  # a group never spans two blocks: its grid is fitted on columns that have all their updates
+    if order == "natural" and width < Cw:  # a group never spans two blocks: fitted on columns with all updates
         blocksize = max(width, blocksize - blocksize % width)
     for i1 in range(0, Cw, blocksize):
         i2 = min(i1 + blocksize, Cw)
         W1, U1 = Q[:, i1:i2], U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
-            j = i1 + i
-            if j % width == 0:  # the group's grid from its current columns (per row: the original weights)
-                fit(j, Q[:, :Cw] if width == Cw else W1[:, i:i + width], zero_before[:, j:j + width])
+            k = i1 + i
+            j = index[k]
+            if order == "natural" and j % width == 0:  # the group's grid from its current columns
+                fit(j // width, Q[:, :Cw] if width == Cw else W1[:, i:i + width])
             t = target(j, W1[:, i])
             e = (W1[:, i] - t) / U1[i, i]
             W1[:, i:] -= torch.outer(e, U1[i, i:])
@@ -169,16 +186,16 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
             E1[:, i] = e
             cost += 0.5 * float(e @ (e if Gw is None else Gw @ e if Gw.dim() == 2 else Gw * e))
         Q[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of the later columns and the bias
-    new_bias = None if bias is None else Q[:, Cw].to(bias.dtype)
-    return Quantized(Q[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost, grid.bits)
+    out = torch.empty_like(Q)
+    out[:, full] = Q
+    new_bias = None if bias is None else out[:, Cw].to(bias.dtype)
+    return Quantized(out[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost, grid.bits)
 
 
-def _cost(D: Tensor, U: Tensor, G: Tensor | None, Cw: int) -> float:
-    """1/2 sum_j e_j^T G e_j of a change D (R, C) made column by column with no compensation: the increase of the
-    quadratic model 1/2 vec(D)^T (G (x) H) vec(D) (rtn's cost on the same scale as gptq's)."""
-    H = torch.linalg.inv(U.double().T @ U.double())  # U^T U = H^-1
+def _cost(D: Tensor, H: Tensor, G: Tensor | None) -> float:
+    """1/2 vec(D)^T (G (x) H) vec(D) of a change D (R, C) (rtn's cost on the same scale as gptq's)."""
     Dd = D.double()
-    M = Dd @ H @ Dd.T  # (R, R)
+    M = Dd @ H.double() @ Dd.T  # (R, R)
     if G is None:
         return 0.5 * float(M.trace())
     G = G.double()
@@ -223,7 +240,7 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
             A, G = f.A, f.G
         try:
             return quantize_layer(W, grid, A=A, G=G, bias=bias, method=q.method, damping=q.damping,
-                                  blocksize=q.blocksize), q.method, None
+                                  blocksize=q.blocksize, order=q.order), q.method, None
         except ValueError as err:
             if q.method != "gptq":
                 raise
@@ -255,7 +272,7 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
     sizes = [layer.weight.numel() for layer in layers]
     mean_bits = sum(e["bits"] * n for e, n in zip(entries, sizes)) / sum(sizes)
     report = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-              "damping": q.damping, "budget": budget, "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
+              "damping": q.damping, "order": q.order, "budget": budget, "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
               "seconds": seconds, "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
     return report, results
 

@@ -103,7 +103,8 @@ def upgrade(record: dict) -> dict:
         record["config"].setdefault("moe", {"min_tokens": 1})
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
-                                                 "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8]})  # before moe.min_tokens: no routed experts
+                                                 "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8],
+                                                 "order": "natural"})  # before moe.min_tokens: no routed experts
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -115,6 +116,10 @@ def upgrade(record: dict) -> dict:
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)
         p.setdefault("quantize", None)  # before quantize.*: nothing was quantized
+        if isinstance(p.get("quantize"), dict):  # before quantize.order: the natural order
+            # (experiments.library_gptq's records: llmcompressor's default activation order, static groups)
+            p["quantize"].setdefault("order", {"gptq": "natural", "llmcompressor-gptq": "act"}.get(
+                p["quantize"].get("method")))
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)
@@ -245,7 +250,7 @@ def _quantize(cfg) -> dict | None:
     if q is None or q.bits is None:
         return None
     out = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-           "damping": q.damping}
+           "damping": q.damping, "order": q.get("order", "natural") if q.method == "gptq" else None}
     if q.get("budget") is not None:  # mixed precision: the widths come from the budget, not `bits`
         out.update(bits=None, budget=q.budget, widths=sorted(set(q.widths)))
     return out

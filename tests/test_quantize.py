@@ -23,21 +23,32 @@ def _layer(R, Cw, seed, zeros=0.3):
     return W
 
 
-def _brute_force(W, bias, A, G, grid, damping):
-    """Sequential OBS on the dense Fisher G (x) H (row-major vec): at column j, fix it to the grid point of its
-    current value (0 where W was 0; the group's grid fitted on its current columns when entered) and re-solve every
-    free entry (columns > j and the bias) exactly."""
+def _brute_force(W, bias, A, G, grid, damping, order="natural"):
+    """Sequential OBS on the dense Fisher G (x) H (row-major vec): column by column in the given order, fix it to
+    the grid point of its current value (0 where W was 0; natural order: the group's grid fitted on its current
+    columns when entered; act order: every grid fitted on the original weights first) and re-solve every free
+    entry (the columns not yet fixed and the bias) exactly."""
     R, Cw = W.shape
     Wb = W.clone() if bias is None else torch.cat([W, bias[:, None]], 1)
     C = Wb.shape[1]
-    F = torch.kron(G, damp(A, damping))
+    H = damp(A, damping)
+    F = torch.kron(G, H)
     w0 = Wb.reshape(-1).clone()
     cur = Wb.clone()
     width = grid.width(Cw)
+    grids = {}
+    if order == "act":
+        columns = torch.argsort(-H.diagonal()[:Cw], stable=True).tolist()
+        for g in range(-(-Cw // width)):
+            grids[g] = grid.fit(torch.where(W[:, g * width:(g + 1) * width] == 0, 0, Wb[:, g * width:(g + 1) * width]))
+    else:
+        columns = list(range(Cw))
     fixed = torch.zeros(R, C, dtype=torch.bool)
-    for j in range(Cw):
-        if j % width == 0:
-            s, z = grid.fit(torch.where(W[:, j:j + width] == 0, 0, cur[:, j:min(j + width, Cw)]))
+    for j in columns:
+        g = j // width
+        if order == "natural" and j % width == 0:
+            grids[g] = grid.fit(torch.where(W[:, j:j + width] == 0, 0, cur[:, j:min(j + width, Cw)]))
+        s, z = grids[g]
         cur[:, j] = torch.where(W[:, j] == 0, 0, grid.round(cur[:, j], s, z))
         fixed[:, j] = True
         fx, fr = fixed.reshape(-1), ~fixed.reshape(-1)
@@ -48,17 +59,19 @@ def _brute_force(W, bias, A, G, grid, damping):
     return cur
 
 
-@pytest.mark.parametrize("bias,symmetric,group,blocksize", [
-    (False, True, 4, 128), (True, True, 5, 3), (True, False, 0, 4), (False, False, 4, 8), (True, True, 10, 2)])
-def test_sweep_equals_the_sequential_dense_obs_solve(bias, symmetric, group, blocksize):
+@pytest.mark.parametrize("bias,symmetric,group,blocksize,order", [
+    (False, True, 4, 128, "natural"), (True, True, 5, 3, "natural"), (True, False, 0, 4, "natural"),
+    (False, False, 4, 8, "natural"), (True, True, 10, 2, "natural"), (True, True, 5, 3, "act"),
+    (False, False, 4, 128, "act"), (True, True, 0, 4, "act")])
+def test_sweep_equals_the_sequential_dense_obs_solve(bias, symmetric, group, blocksize, order):
     R, Cw = 5, 10
     W = _layer(R, Cw, 0)
     b = torch.randn(R, dtype=torch.float64) if bias else None
     C = Cw + bias
     A, G = _spd(C, 1), _spd(R, 2)
     grid = Grid(bits=3, symmetric=symmetric, group_size=group)
-    out = quantize_layer(W, grid, A=A, G=G, bias=b, damping=0.05, blocksize=blocksize)
-    want = _brute_force(W, b, A, G, grid, 0.05)
+    out = quantize_layer(W, grid, A=A, G=G, bias=b, damping=0.05, blocksize=blocksize, order=order)
+    want = _brute_force(W, b, A, G, grid, 0.05, order)
     torch.testing.assert_close(out.W, want[:, :Cw], rtol=1e-9, atol=1e-9)
     if bias:
         torch.testing.assert_close(out.bias, want[:, Cw], rtol=1e-9, atol=1e-9)
@@ -161,7 +174,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
                                     "quantize=w4g128", f"quantize.symmetric={symmetric}", "save_model=true"])
     q = record["quantize"]
     assert record["protocol"]["quantize"] == {"bits": 4, "group_size": 128, "symmetric": symmetric == "true",
-                                              "method": "gptq", "damping": 0.01}
+                                              "method": "gptq", "damping": 0.01, "order": "natural"}
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
