@@ -48,7 +48,8 @@ def main(argv: list[str]) -> dict:
               "points": [], "layers": [], "compact": None, "lm_eval": None, "model_dir": None, "error": None,
               "resumed_from_shot": None, "processes": 1, "sparsity": 0.0,
               "versions": {**versions(), "llmcompressor": llmcompressor.__version__}, "git_commit": git_commit()}
-    record["protocol"]["quantize"].update(method="llmcompressor-gptq", order="act")  # its default: static act order
+    # its defaults: static activation order, the sequential pipeline
+    record["protocol"]["quantize"].update(method="llmcompressor-gptq", order="act", sequential=True)
     record["protocol"]["eval"]["windows"] = data.eval_windows.shape[0]
     record["dense_ppl"] = perplexity(model, data.eval_windows, cfg.eval.batch_size)
 
@@ -68,7 +69,8 @@ def main(argv: list[str]) -> dict:
     t0 = time.perf_counter()
     ppl = perplexity(model, data.eval_windows, cfg.eval.batch_size)
     record["quantize"] = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric),
-                          "method": "llmcompressor-gptq", "damping": q.damping, "order": "act", "cost": None,
+                          "method": "llmcompressor-gptq", "damping": q.damping, "order": "act", "sequential": True,
+                          "cost": None,
                           "fallbacks": 0,
                           "before_ppl": record["dense_ppl"], "ppl": ppl,
                           "seconds": {"quantize": seconds, "eval": time.perf_counter() - t0},

@@ -369,7 +369,9 @@ def weights_label(record: dict | None) -> str:
     bits = f"mixed {q['budget']:g} bits" if q.get("budget") is not None else f"int{q['bits']}"
     grid = f"{bits} " + (f"g{q['group_size']}" if q["group_size"] else "per row") + (
         "" if q["symmetric"] else " asym")
-    return f"{grid} {QUANT_METHODS.get(q['method'], q['method'])}" + (", act order" if q.get("order") == "act" else "")
+    extra = [name for name, on in (("act order", q.get("order") == "act"), ("sequential", q.get("sequential")))
+             if on and q["method"] == "gptq"]
+    return f"{grid} {QUANT_METHODS.get(q['method'], q['method'])}" + "".join(f", {e}" for e in extra)
 
 
 def quantized_table(records: list[dict], suffix: str = "") -> dict:

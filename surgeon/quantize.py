@@ -257,7 +257,8 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
         seconds["allocate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     results, entries = {}, []
-    for layer in layers:
+
+    def apply(layer) -> None:
         res, method, note = solve(layer, bits_of[layer.name])
         with torch.no_grad():
             layer.weight.copy_(res.W)
@@ -267,6 +268,17 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
         entries.append({"name": layer.name, "method": method, "bits": res.bits,
                         "group": Grid(res.bits, q.symmetric, q.group_size).width(layer.in_features),
                         "cost": res.cost, **({"fallback": note} if note else {})})
+
+    if q.method == "gptq" and q.get("sequential", False):
+        # each block's A from its inputs through the blocks already quantized (G stays the KFAC pass's)
+        for block_layers in _sequential_inputs(model, layers, distributed.share(batches), factors,
+                                               sum_=distributed.sum_ if distributed.active() else None,
+                                               progress=progress):
+            for layer in block_layers:
+                apply(layer)
+    else:
+        for layer in layers:
+            apply(layer)
     seconds["quantize"] = time.perf_counter() - t0
     costs = [e["cost"] for e in entries if e["cost"] == e["cost"]]
     sizes = [layer.weight.numel() for layer in layers]
@@ -275,6 +287,62 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
               "damping": q.damping, "order": q.order, "budget": budget, "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
               "seconds": seconds, "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
     return report, results
+
+
+@torch.no_grad()
+def _sequential_inputs(model, layers, batches, factors: dict, *, sum_=None, progress: bool = False):
+    """Block by block: replace each of the block's layers' A in `factors` by the mean x x^T (with the bias input)
+    of its inputs now, the blocks before it already quantized, then yield the block's layers for quantizing; the
+    block's outputs after that are the next block's inputs (SparseGPT's pipeline, surgeon.baselines). Token
+    counts of routed experts are updated too."""
+    from tqdm.auto import tqdm
+
+    from .adapters import adapter_for
+    from .baselines import _block_inputs, _run_block
+    from .curvature import Factors
+
+    blocks = adapter_for(model.config.model_type).blocks(model)
+    was_training = model.training
+    model.eval()
+    try:
+        calls = _block_inputs(model, blocks[0], batches)
+        for i in tqdm(range(len(blocks)), desc="quantize (sequential)", disable=not progress):
+            block_layers = [layer for layer in layers if layer.block == i]
+            sums, counts, handles = {}, {}, []
+            for layer in block_layers:
+                C = layer.in_features + (layer.bias is not None)
+                sums[layer.name] = torch.zeros(C, C, dtype=torch.float64, device=layer.weight.device)
+                counts[layer.name] = torch.zeros((), dtype=torch.float64, device=layer.weight.device)
+
+                def hook(module, args, output, layer=layer):
+                    x = args[0].reshape(-1, layer.in_features).double()
+                    if layer.bias is not None:
+                        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+                    sums[layer.name].addmm_(x.T, x)
+                    counts[layer.name] += x.shape[0]
+
+                handles.append(layer.module.register_forward_hook(hook))
+            try:
+                if block_layers:
+                    _run_block(blocks[i], calls)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for layer in block_layers:
+                if sum_ is not None:
+                    sum_(sums[layer.name])
+                    sum_(counts[layer.name])
+                n = float(counts[layer.name])
+                old = factors.get(layer.name)
+                A = (sums[layer.name] / max(n, 1.0)).to(layer.weight.dtype if layer.weight.dtype == torch.float64
+                                                         else torch.float32)
+                factors[layer.name] = Factors(A=A, G=old.G if old is not None else None,
+                                              tokens=int(n) if layer.expert is not None else None)
+            yield block_layers
+            if i < len(blocks) - 1:
+                calls = _run_block(blocks[i], calls)
+    finally:
+        model.train(was_training)
 
 
 def allocate_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], budget: float) -> dict[str, int]:

@@ -104,7 +104,7 @@ def upgrade(record: dict) -> dict:
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
                                                  "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8],
-                                                 "order": "natural"})  # before moe.min_tokens: no routed experts
+                                                 "order": "natural", "sequential": False})  # before moe.min_tokens: no routed experts
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -119,6 +119,8 @@ def upgrade(record: dict) -> dict:
         if isinstance(p.get("quantize"), dict):  # before quantize.order: the natural order
             # (experiments.library_gptq's records: llmcompressor's default activation order, static groups)
             p["quantize"].setdefault("order", {"gptq": "natural", "llmcompressor-gptq": "act"}.get(
+                p["quantize"].get("method")))
+            p["quantize"].setdefault("sequential", {"gptq": False, "llmcompressor-gptq": True}.get(
                 p["quantize"].get("method")))
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
@@ -250,7 +252,8 @@ def _quantize(cfg) -> dict | None:
     if q is None or q.bits is None:
         return None
     out = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-           "damping": q.damping, "order": q.get("order", "natural") if q.method == "gptq" else None}
+           "damping": q.damping, "order": q.get("order", "natural") if q.method == "gptq" else None,
+           "sequential": bool(q.get("sequential", False)) if q.method == "gptq" else None}
     if q.get("budget") is not None:  # mixed precision: the widths come from the budget, not `bits`
         out.update(bits=None, budget=q.budget, widths=sorted(set(q.widths)))
     return out

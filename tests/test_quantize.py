@@ -174,7 +174,8 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
                                     "quantize=w4g128", f"quantize.symmetric={symmetric}", "save_model=true"])
     q = record["quantize"]
     assert record["protocol"]["quantize"] == {"bits": 4, "group_size": 128, "symmetric": symmetric == "true",
-                                              "method": "gptq", "damping": 0.01, "order": "natural"}
+                                              "method": "gptq", "damping": 0.01, "order": "natural",
+                                              "sequential": False}
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
@@ -276,3 +277,48 @@ def test_mixed_precision_run_meets_its_budget_and_reloads(tmp_path, shared):
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
     data = prepare_data(compose([*SMALL, "model=llama-tiny"]))
     assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
+
+
+def test_sequential_inputs_are_those_through_the_blocks_already_changed():
+    """quantize.sequential: block 0's A is the KFAC pass's; block 1's A is the mean x x^T of its layers' inputs
+    computed by hand from a forward through the changed block 0 (bias input included)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from surgeon.adapters import adapter_for
+    from surgeon.curvature import estimate_curvature
+    from surgeon.quantize import _sequential_inputs
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    model = model.double().eval()
+    layers = adapter_for("opt").layers(model)
+    batches = [torch.randint(0, 64, (2, 8)) for _ in range(2)]
+    factors = estimate_curvature(model, layers, batches, accumulate="float64")
+    kfac_a = {name: f.A.clone() for name, f in factors.items()}
+    steps = _sequential_inputs(model, layers, batches, factors)
+    first = next(steps)
+    assert {layer.block for layer in first} == {0}
+    for layer in first:
+        torch.testing.assert_close(factors[layer.name].A, kfac_a[layer.name], rtol=1e-9, atol=1e-12)
+        with torch.no_grad():
+            layer.weight.mul_(0.5)  # block 0 changes (as quantization changes it)
+    # by hand: block 1's layers' inputs after the change
+    seen = {}
+    second_layers = [layer for layer in layers if layer.block == 1]
+    hooks = [layer.module.register_forward_hook(
+        lambda m, a, o, name=layer.name: seen.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        for layer in second_layers]
+    with torch.no_grad():
+        for ids in batches:
+            model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    second = next(steps)
+    assert [layer.name for layer in second] == [layer.name for layer in second_layers]
+    for layer in second:
+        X = torch.cat(seen[layer.name]).double()
+        X = torch.cat([X, torch.ones_like(X[:, :1])], 1)  # OPT's layers have biases
+        torch.testing.assert_close(factors[layer.name].A, X.T @ X / X.shape[0], rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(factors[layer.name].A, kfac_a[layer.name])
+    assert next(steps, None) is None
