@@ -58,6 +58,8 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
             assert logger.log_shot(record["points"][-1], record["layers"]) is None
     logger.log_shot(record["points"][-1], record["layers"])
     record["compact"] = {"params": 2_500_000, "params_before": 4_339_712, "ppl": 135.0001}
+    record["quantize"] = {"ppl": 136.5, "before_ppl": 135.0001, "cost": 0.25, "bits": 4,
+                          "export": {"format": "pack-quantized", "bytes": 1234}}
     logger.log_final(record)
     summary = dict(logger.run.summary)
     logger.finish()
@@ -66,6 +68,7 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
     assert summary["dense_ppl"] == 122.62 and summary["final_ppl"] == 135.0
     assert summary["lm_eval/piqa/acc"] == 0.41 and summary["lm_eval_dense/piqa/acc"] == 0.6
     assert summary["compact/params"] == 2_500_000 and summary["compact/ppl"] == 135.0001
+    assert summary["quantize/ppl"] == 136.5 and summary["quantize/bytes"] == 1234 and summary["quantize/bits"] == 4
 
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
     [table_file] = (run_dir / "files" / "media" / "table").glob("allocation_[0-9]*.table.json")
