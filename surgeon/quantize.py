@@ -54,13 +54,14 @@ class Grid:
         return next(w for w in range(self.group_size, 0, -1) if columns % w == 0)
 
     def fit(self, W: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale and zero point (R,) of the rows of W (R, c) from their range, 0 included: symmetric, the larger of
-        max / qmax and -min / -qmin (no clipping on either side); asymmetric, (max - min) / (qmax - qmin) with the
-        zero point rounded to an integer. An all-zero row gets scale 1."""
+        """Scale and zero point (R,) of the rows of W (R, c) from their range, 0 included, as compressed-tensors'
+        min-max observer and GPTQ fit them: symmetric, max |w| / ((qmax - qmin) / 2) (int4: max |w| / 7.5, so the
+        largest positive weight may be clipped to 7 steps, a finer grid than max / 7); asymmetric,
+        (max - min) / (qmax - qmin) with the zero point rounded to an integer. An all-zero row gets scale 1."""
         lo = W.min(dim=1).values.clamp(max=0)
         hi = W.max(dim=1).values.clamp(min=0)
         if self.symmetric:
-            scale = torch.maximum(hi / self.qmax, lo / self.qmin)
+            scale = torch.maximum(hi, -lo) / ((self.qmax - self.qmin) / 2)
         else:
             scale = (hi - lo) / (self.qmax - self.qmin)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
