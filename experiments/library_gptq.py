@@ -62,8 +62,16 @@ def main(argv: list[str]) -> dict:
         num_bits=q.bits, type="int", symmetric=bool(q.symmetric), strategy="channel" if q.group_size == 0 else "group",
         group_size=None if q.group_size == 0 else width)) for i, (width, names) in enumerate(sorted(by_width.items()))}
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in data.calib]
+    # oneshot re-reads the config from model.config.name_or_path, which for a GGUF model is a folder with no
+    # config.json: give it the model's own config (a float model, as surgeon loads it)
+    import tempfile
+
+    models.drop_gguf_quantization(model)
+    config_dir = tempfile.mkdtemp(prefix="surgeon-config-")
+    model.config.save_pretrained(config_dir)
+    model.config.name_or_path = config_dir
     t0 = time.perf_counter()
-    oneshot(model=model, dataset=DataLoader(calib, batch_size=None), recipe=GPTQModifier(
+    oneshot(model=model, processor=data.tokenizer, dataset=DataLoader(calib, batch_size=None), recipe=GPTQModifier(
         config_groups=groups, dampening_frac=q.damping, block_size=q.blocksize), num_calibration_samples=len(calib))
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()

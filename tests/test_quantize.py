@@ -186,7 +186,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
                                     "quantize=w4g128", f"quantize.symmetric={symmetric}", "save_model=true"])
     q = record["quantize"]
     assert record["protocol"]["quantize"] == {"bits": 4, "group_size": 128, "symmetric": symmetric == "true",
-                                              "method": "gptq", "damping": 0.01, "order": "natural",
+                                              "method": "gptq", "damping": 0.01, "order": "act",
                                               "sequential": False}
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
@@ -196,7 +196,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([record])["quantized"]["rows"]}
     grid = "int4 g128" + ("" if symmetric == "true" else " asym")
     assert rows == {("Dense (100%)", ""): record["dense_ppl"], ("LLM Surgeon unstructured 50%", "float"): q["before_ppl"],
-                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A)"): q["ppl"]}
+                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A), act order"): q["ppl"]}
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
     data = prepare_data(compose([*SMALL, f"model={model}"]))
     assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
@@ -224,7 +224,7 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     assert not tables["unstructured"]["rows"] and not tables["structured"]["rows"]
     rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in tables["quantized"]["rows"]}
     assert rows == {("Dense (100%)", ""): gptq["dense_ppl"],
-                    ("none", "int3 g128 OBS update (run's A)"): gptq["final_ppl"],
+                    ("none", "int3 g128 OBS update (run's A), act order"): gptq["final_ppl"],
                     ("none", "int3 g128 round to nearest"): rtn["final_ppl"]}
 
 
