@@ -33,7 +33,7 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
 
     if allocation_runs is None:
         chosen = [r for r in records if r["protocol"]["structure"] == "structured"
-                  and r["protocol"]["method"] == "surgeon"]
+                  and r["protocol"]["method"] == "surgeon" and r.get("points")]
     else:
         by_id = {r.get("run_id"): r for r in records}
         unknown = [run for run in allocation_runs if run not in by_id]
@@ -42,7 +42,8 @@ def write_report(records: list[dict], out, allocation_runs: list[str] | None = N
         chosen = [by_id[run] for run in allocation_runs]
     try:
         # one figure per measurement protocol, as the tables: ppl_vs_size.png (most runs), ppl_vs_size-2.png, ...
-        for i, (_, own) in enumerate(by_measurement(records)):
+        plain = [r for r in records if not r["protocol"].get("quantize")]  # quantized runs: their table only
+        for i, (_, own) in enumerate(by_measurement(plain)):
             suffix = "" if i == 0 else f"-{i + 1}"
             written.append(plot_ppl_vs_size(own, out / f"ppl_vs_size{suffix}.png"))
             shots_figure = plot_ppl_vs_shots(own, out / f"ppl_vs_shots{suffix}.png")  # None: no shot sweep

@@ -449,6 +449,8 @@ GENERATED_BLOCKS = [  # (record files, report folder, block name, page): every g
     (("smollm2-diag",), "smollm2-damping", "smollm2-damping", "docs/real-model.md"),
     (("moe-tiny",), "moe-tiny", "moe-tiny", "docs/moe.md"),
     (("smollm2-diag", "smollm2-auto"), "smollm2-auto", "smollm2-auto", "docs/real-model.md"),
+    (("quantize-testbed",), "quantize-testbed", "quantize-testbed", "docs/quantization.md"),
+    (("quantize-smollm2",), "quantize-smollm2", "quantize-smollm2", "docs/quantization.md"),
 ]
 
 
