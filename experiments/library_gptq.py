@@ -24,14 +24,13 @@ def main(argv: list[str]) -> dict:
     from torch.utils.data import DataLoader
 
     import llmcompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     from surgeon import models
     from surgeon.adapters import adapter_for
     from surgeon.config import compose, to_container, validate
-    from surgeon.quantize import Grid
+    from surgeon.quantize import Grid, config_groups
     from surgeon.records import append_jsonl, git_commit, new_run_id, now_iso, portable_config, protocol, versions
     from surgeon.runner import perplexity, prepare_data
 
@@ -55,12 +54,7 @@ def main(argv: list[str]) -> dict:
 
     q = cfg.quantize
     grid = Grid(q.bits, q.symmetric, q.group_size)
-    by_width: dict[int, list[str]] = {}
-    for layer in layers:
-        by_width.setdefault(grid.width(layer.in_features), []).append(layer.name)
-    groups = {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
-        num_bits=q.bits, type="int", symmetric=bool(q.symmetric), strategy="channel" if q.group_size == 0 else "group",
-        group_size=None if q.group_size == 0 else width)) for i, (width, names) in enumerate(sorted(by_width.items()))}
+    groups = config_groups(layers, {layer.name: q.bits for layer in layers}, q)
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in data.calib]
     # oneshot re-reads the config from model.config.name_or_path, which for a GGUF model is a folder with no
     # config.json: give it the model's own config (a float model, as surgeon loads it)
@@ -82,8 +76,8 @@ def main(argv: list[str]) -> dict:
                           "fallbacks": 0,
                           "before_ppl": record["dense_ppl"], "ppl": ppl,
                           "seconds": {"quantize": seconds, "eval": time.perf_counter() - t0},
-                          "layers": [{"name": name, "method": "llmcompressor-gptq", "group": width}
-                                     for width, names in by_width.items() for name in names]}
+                          "layers": [{"name": layer.name, "method": "llmcompressor-gptq",
+                                      "group": grid.width(layer.in_features)} for layer in layers]}
     record.update(final_ppl=ppl, status="complete", finished=now_iso())
     append_jsonl(cfg.results, record)
     print(f"dense {record['dense_ppl']:.4f}  llmcompressor GPTQ int{q.bits}: {ppl:.4f}  ({seconds:.1f} s)")

@@ -95,7 +95,7 @@ class Quantized:
     scale: Tensor
     zero: Tensor
     cost: float
-    bits: int = 0
+    bits: int
 
 
 def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor | None = None,
@@ -395,6 +395,23 @@ def allocate_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], bud
     return chosen
 
 
+def config_groups(layers, bits_of: dict[str, int], q) -> dict:
+    """compressed-tensors config groups for `layers`: one per (bits, group width), each layer's width from
+    Grid.width, per-row scales (`channel`) with group_size 0; used by `export` and experiments.library_gptq, so the
+    library quantizes to the same grid layout."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    by_grid: dict[tuple[int, int], list[str]] = {}
+    for layer in layers:
+        bits = bits_of[layer.name]
+        width = Grid(bits, q.symmetric, q.group_size).width(layer.in_features)
+        by_grid.setdefault((bits, width), []).append(layer.name)
+    per_row = q.group_size == 0
+    return {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=bool(q.symmetric), strategy="channel" if per_row else "group",
+        group_size=None if per_row else width)) for i, ((bits, width), names) in enumerate(sorted(by_grid.items()))}
+
+
 def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
     """Save `model` (its layers already on the grid) packed with compressed-tensors: one config group per group
     width, each layer's own scales and zero points, so packing is exact and transformers (with compressed-tensors
@@ -407,8 +424,8 @@ def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
 
     try:
         from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                     QuantizationStatus, apply_quantization_config)
+        from compressed_tensors.quantization import (QuantizationConfig, QuantizationStatus,
+                                                     apply_quantization_config)
     except ImportError as err:
         raise RuntimeError("quantize.export needs the compressed-tensors package: pip install -e '.[quantize]' "
                            "(or set quantize.export=false)") from err
@@ -417,17 +434,7 @@ def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
     if foreign:
         raise ValueError(f"quantize.export: compressed-tensors packs nn.Linear layers only; {foreign[0]} (and "
                          f"{len(foreign) - 1} more) is not one; set quantize.export=false to save float weights")
-    by_grid: dict[tuple[int, int], list[str]] = {}
-    for layer in layers:
-        bits = results[layer.name].bits
-        by_grid.setdefault((bits, Grid(bits, q.symmetric, q.group_size).width(layer.in_features)), []).append(
-            layer.name)
-    schemes = {}
-    for i, ((bits, width), names) in enumerate(sorted(by_grid.items())):
-        per_row = q.group_size == 0
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=bool(q.symmetric),
-                                strategy="channel" if per_row else "group", group_size=None if per_row else width)
-        schemes[f"group_{i}"] = QuantizationScheme(targets=names, weights=args)
+    schemes = config_groups(layers, {name: res.bits for name, res in results.items()}, q)
     config = QuantizationConfig(config_groups=schemes, quantization_status=QuantizationStatus.FROZEN)
     apply_quantization_config(model, config, show_progress=False)
     with torch.no_grad():
