@@ -135,6 +135,11 @@ def summary_table(record: dict) -> str:
     if c:
         lines.append(f"compacted: {c['params_before']} -> {c['params']} parameters "
                      f"({c['params'] / c['params_before']:.3f}), ppl {c['ppl']:.3f}")
+    q = record.get("quantize")
+    if q:
+        export = f", saved {q['export']['format']} {q['export']['bytes'] / 1e6:.1f} MB" if q.get("export") else ""
+        lines.append(f"quantized: {q['mean_bits']:.3g} bits per weight ({q['method']}, group {q['group_size']}), "
+                     f"ppl {q['before_ppl']:.3f} -> {q['ppl']:.3f}{export}")
     lm = record.get("lm_eval") or {}
     for task, result in lm.get("tasks", {}).items():
         dense = lm.get("dense", {}).get("tasks", {}).get(task)

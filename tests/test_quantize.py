@@ -191,6 +191,9 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
+    from surgeon.runner import summary_table
+
+    assert f"ppl {q['before_ppl']:.3f} -> {q['ppl']:.3f}, saved {fmt}" in summary_table(record)
     from experiments.tables import build_tables
 
     rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([record])["quantized"]["rows"]}
