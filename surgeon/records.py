@@ -100,11 +100,12 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
-        record["config"].setdefault("moe", {"min_tokens": 1})
+        record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
+        # before quantize.*: nothing was quantized (bits null; the other keys as they were when they came)
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
                                                  "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8],
-                                                 "order": "natural", "sequential": False})  # before moe.min_tokens: no routed experts
+                                                 "order": "natural", "sequential": False})
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
