@@ -377,16 +377,28 @@ def weights_label(record: dict | None) -> str:
 def quantized_table(records: list[dict], suffix: str = "") -> dict:
     """Dense, pruned, quantized and both, per model: each quantized record gives its pruned model's float
     perplexity (`quantize.before_ppl`, the 'float' row of its pruning) and its quantized one (`final_ppl`)."""
-    views, seen = [], set()
+    views, seen = [], set()  # (record, the record whose grid and method label the row or None for float, ppl)
+
+    def cell_key(record, weights):
+        return (pruning_label(record), weights_label(weights), model_name(record),
+                record["protocol"]["calib"].get("seed"))
+
+    measured = {cell_key(record, record) for record in records}
     for record in sorted(records, key=_newness):
         float_key = (pruning_label(record), model_name(record), record["protocol"]["calib"].get("seed"))
         if record["protocol"]["shots"] and float_key not in seen:  # the pruned model before quantization, once
             seen.add(float_key)
-            views.append((record, None))
-        views.append((record, record))
+            views.append((record, None, record["quantize"]["before_ppl"]))
+        views.append((record, record, record["quantize"]["ppl"]))
+        baseline = record["quantize"].get("baseline")
+        if baseline:  # quantize.baseline: the same model rounded to nearest in the same run, unless a run did it
+            q = dict(record["protocol"]["quantize"], method=baseline["method"], order=None, sequential=None)
+            twin = dict(record, protocol=dict(record["protocol"], quantize=q))
+            if cell_key(twin, twin) not in measured:
+                views.append((twin, twin, baseline["ppl"]))
     proxies = []  # one pseudo-record per row entry, carrying what _table reads
-    for record, quantized in views:
-        proxy = dict(record, final_ppl=record["quantize"]["ppl"] if quantized else record["quantize"]["before_ppl"])
+    for record, quantized, ppl in views:
+        proxy = dict(record, final_ppl=ppl)
         proxy["_view"] = (record, quantized)
         proxies.append(proxy)
 

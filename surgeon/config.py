@@ -270,7 +270,7 @@ def _check_quantize(cfg: DictConfig) -> None:
         raise ConfigError(f"quantize.group_size={q.group_size!r} must be a non-negative integer (0: one scale per row)")
     _one_of("quantize.method", q.method, METHODS)
     _one_of("quantize.order", q.order, ORDERS)
-    for key in ("symmetric", "export", "sequential"):
+    for key in ("symmetric", "export", "sequential", "baseline"):
         if not isinstance(q[key], bool):
             raise ConfigError(f"quantize.{key}={q[key]!r} must be true or false")
     if not isinstance(q.damping, (int, float)) or isinstance(q.damping, bool) or q.damping <= 0:

@@ -106,6 +106,8 @@ def upgrade(record: dict) -> dict:
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
                                                  "export": True, "budget": None, "widths": [2, 3, 4, 5, 6, 8],
                                                  "order": "natural", "sequential": False})
+        if isinstance(record["config"]["quantize"], dict):  # before quantize.baseline: no round-to-nearest twin
+            record["config"]["quantize"].setdefault("baseline", False)
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])

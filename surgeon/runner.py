@@ -139,7 +139,8 @@ def summary_table(record: dict) -> str:
     if q:
         export = f", saved {q['export']['format']} {q['export']['bytes'] / 1e6:.1f} MB" if q.get("export") else ""
         lines.append(f"quantized: {q['mean_bits']:.3g} bits per weight ({q['method']}, group {q['group_size']}), "
-                     f"ppl {q['before_ppl']:.3f} -> {q['ppl']:.3f}{export}")
+                     f"ppl {q['before_ppl']:.3f} -> {q['ppl']:.3f}{export}"
+                     + (f" (round to nearest: {q['baseline']['ppl']:.3f})" if q.get("baseline") else ""))
     lm = record.get("lm_eval") or {}
     for task, result in lm.get("tasks", {}).items():
         dense = lm.get("dense", {}).get("tasks", {}).get(task)
@@ -435,18 +436,49 @@ def _quantize(job: Job) -> dict:
     cfg, record = job.cfg, job.record
     layers = adapter_for(job.model.config.model_type).layers(job.model)  # after compaction: the smaller layers
     before = (record["compact"] or {}).get("ppl") or record["final_ppl"] or record["dense_ppl"]
+    floats = None
+    if cfg.quantize.baseline and cfg.quantize.method != "rtn":  # the float weights, for the round-to-nearest twin
+        floats = {layer.name: (layer.weight.detach().cpu().clone(),
+                               None if layer.bias is None else layer.bias.detach().cpu().clone()) for layer in layers}
     report, results = quantize_model(job.model, layers, job.data.batches, cfg.quantize, ShotOptions.from_config(cfg),
                                      seed=cfg.seed, progress=job.main)
     job.quantized = (layers, results)
     t0 = time.perf_counter()
     report.update(before_ppl=before, ppl=job.ppl())
     report["seconds"]["eval"] = time.perf_counter() - t0
+    if floats is not None:
+        report["baseline"] = _rtn_baseline(job, layers, floats, results)
     if job.main:
         log.info("quantized to %.3g bits per weight (%s, group %d, %s): perplexity %.4f (before %s), %d layer(s) "
                  "rounded to nearest by fallback", report["mean_bits"], cfg.quantize.method, cfg.quantize.group_size,
                  "symmetric" if cfg.quantize.symmetric else "asymmetric", report["ppl"],
                  f"{before:.4f}" if before is not None else "-", report["fallbacks"])
     return report
+
+
+def _rtn_baseline(job: Job, layers, floats: dict, results: dict) -> dict:
+    """quantize.baseline: the same model rounded to nearest on the same grid, each layer at the width the update
+    gave it (mixed precision: the same allocation), evaluated on the same windows; then the update's weights go
+    back (they are what is saved). Returns {"method": "rtn", "ppl", "seconds"}."""
+    from .quantize import Grid, quantize_layer
+
+    q, t0 = job.cfg.quantize, time.perf_counter()
+    with torch.no_grad():
+        for layer in layers:
+            W, bias = floats[layer.name]
+            rtn = quantize_layer(W.to(layer.weight.device), Grid(results[layer.name].bits, q.symmetric, q.group_size),
+                                 bias=None if bias is None else bias.to(layer.weight.device), method="rtn")
+            layer.weight.copy_(rtn.W)
+            if layer.bias is not None:
+                layer.bias.copy_(rtn.bias)
+        ppl = job.ppl()
+        for layer in layers:
+            layer.weight.copy_(results[layer.name].W)
+            if layer.bias is not None:
+                layer.bias.copy_(results[layer.name].bias)
+    if job.main:
+        log.info("round to nearest on the same grid (quantize.baseline): perplexity %.4f", ppl)
+    return {"method": "rtn", "ppl": ppl, "seconds": time.perf_counter() - t0}
 
 
 def _compact(model, ppl, final_ppl: float | None, uniform: bool) -> dict:

@@ -116,6 +116,8 @@ class WandbLogger:
                             "quantize/cost": quantized["cost"], "quantize/bits": quantized["bits"]})
             if quantized.get("export"):
                 summary["quantize/bytes"] = quantized["export"]["bytes"]
+            if quantized.get("baseline"):
+                summary["quantize/rtn_ppl"] = quantized["baseline"]["ppl"]
         self.run.summary.update(summary)
 
         table = wandb.Table(columns=["name", "type", "block", "shape", "sparsity"],

@@ -214,8 +214,18 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     loses)."""
     common = ["model=opt-tiny", "shots=0", "quantize=w4g128", "quantize.bits=3", "calib.n=64", "calib.seq_len=256",
               "eval.max_windows=32"]
-    gptq = _run(tmp_path, "gptq", common)
+    # quantize.baseline: the same run also rounds to nearest; the update's weights are what it saves
+    gptq = _run(tmp_path, "gptq", [*common, "quantize.baseline=true", "save_model=true"])
     rtn = _run(tmp_path, "rtn", [*common, "quantize.method=rtn"])
+    assert gptq["quantize"]["baseline"]["ppl"] == pytest.approx(rtn["quantize"]["ppl"], rel=1e-6)
+    assert "baseline" not in rtn["quantize"]
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.runner import perplexity, prepare_data
+
+    data = prepare_data(compose([*SMALL, *common]))
+    reloaded = AutoModelForCausalLM.from_pretrained(gptq["model_dir"])
+    assert perplexity(reloaded, data.eval_windows) == pytest.approx(gptq["quantize"]["ppl"], rel=1e-5)
     assert gptq["points"] == [] and gptq["quantize"]["before_ppl"] == gptq["dense_ppl"]
     assert rtn["quantize"]["cost"] is None  # no curvature pass: nothing to weigh its change with
     assert gptq["quantize"]["ppl"] < rtn["quantize"]["ppl"]
@@ -229,6 +239,9 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     assert rows == {("Dense (100%)", ""): gptq["dense_ppl"],
                     ("none", "int3 g128 OBS update (run's A), act order"): gptq["final_ppl"],
                     ("none", "int3 g128 round to nearest"): rtn["final_ppl"]}
+    # alone, the baseline fills the round-to-nearest row itself
+    rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([gptq])["quantized"]["rows"]}
+    assert rows[("none", "int3 g128 round to nearest")] == gptq["quantize"]["baseline"]["ppl"]
 
 
 def test_quantize_settings_are_checked_before_loading():
