@@ -435,6 +435,7 @@ class MoEAdapter(LlamaAdapter):
             if not sparse:
                 continue
             linears = moe.expert_linears(mlp.experts)
+            moe.attach_router(mlp)
             for e in range(len(linears["expert_down"])):
                 for role in ("expert_gate_up", "expert_down"):
                     out.append(PrunableLayer(f"{prefix}.{self.mlp_path}.experts.{e}.{role[len('expert_'):]}", role,
@@ -467,8 +468,13 @@ class MoEAdapter(LlamaAdapter):
 
     def stock_config(self, config, shapes):
         widths = {key: {s[key] for s in shapes if key in s} for key in ("mlp", "experts", "shared")}
-        if len({(s["heads"], s["kv_heads"]) for s in shapes}) != 1 or any(len(w) > 1 for w in widths.values()):
+        count = "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
+        counts = {s.get("num_experts", getattr(config, count)) for s in shapes if "experts" in s}
+        if (len({(s["heads"], s["kv_heads"]) for s in shapes}) != 1 or any(len(w) > 1 for w in widths.values())
+                or len(counts) > 1):
             return False
+        if counts:  # moe.whole_experts: every block kept as many experts
+            setattr(config, count, counts.pop())
         config.head_dim = shapes[0]["head_dim"]
         config.num_attention_heads, config.num_key_value_heads = shapes[0]["heads"], shapes[0]["kv_heads"]
         fields = {"mlp": "intermediate_size", "shared": "shared_expert_intermediate_size",

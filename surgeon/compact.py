@@ -70,6 +70,7 @@ class BlockPlan:
     mlp: Tensor | None  # kept MLP hidden units (None: the block's MLP is a sparse MoE block)
     experts: Tensor | None = None  # (experts, units') kept hidden units of each routed expert (surgeon.moe)
     shared: Tensor | None = None   # kept hidden units of the MoE block's shared expert
+    routed: Tensor | None = None   # kept routed experts, where moe.whole_experts removed some (None: all kept)
 
     def shape(self) -> dict:
         out = {"heads": len(self.heads), "kv_heads": len(self.kv_heads), "head_dim": self.q_dims.shape[1]}
@@ -79,6 +80,8 @@ class BlockPlan:
             out["experts"] = self.experts.shape[1]
         if self.shared is not None:
             out["shared"] = len(self.shared)
+        if self.routed is not None:
+            out["num_experts"] = len(self.routed)
         return out
 
 
@@ -163,8 +166,10 @@ def plan_block(adapter: Adapter, block: nn.Module, at_least: dict | None = None)
     if hasattr(moe, "shared_expert"):
         shared = _mlp_units(block, adapter, "shared_gate", "shared_up", "shared_down", moe.shared_expert.act_fn,
                             at_least.get("shared", 0))
+    removed = moe.gate.__dict__.get("_surgeon_removed")  # experts moe.whole_experts removed: no token reaches them
+    routed = None if removed is None else (~removed.cpu()).nonzero().squeeze(1)
     return BlockPlan(heads, kv_heads, q_dims, k_dims, v_dims, o_dims, None,
-                     _expert_units(moe.experts, at_least.get("experts", 0)), shared)
+                     _expert_units(moe.experts, at_least.get("experts", 0), routed), shared, routed)
 
 
 def _sparse(adapter: Adapter, block: nn.Module) -> bool:
@@ -188,11 +193,14 @@ def _mlp_units(block: nn.Module, adapter: Adapter, activated: str, multiplied: s
 
 
 @torch.no_grad()
-def _expert_units(experts: nn.Module, at_least: int) -> Tensor:
-    """(experts, width) kept hidden units of every routed expert: a unit lives where its down column, its up row
-    and (unless the activation maps 0 elsewhere) its gate row do; one width for all experts of the block, the
-    narrower ones padded with dead units of their own, and the width a multiple of 16 bytes of weights."""
+def _expert_units(experts: nn.Module, at_least: int, routed: Tensor | None = None) -> Tensor:
+    """(experts, width) kept hidden units of every kept routed expert (`routed`, None: all): a unit lives where
+    its down column, its up row and (unless the activation maps 0 elsewhere) its gate row do; one width for all
+    experts of the block, the narrower ones padded with dead units of their own, and the width a multiple of 16
+    bytes of weights."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
+    if routed is not None:
+        gate_up, down = gate_up[routed.to(gate_up.device)], down[routed.to(down.device)]
     units = down.shape[2]
     live = (down != 0).any(1) & (gate_up[:, units:] != 0).any(2)
     if _maps_zero_to_zero(experts.act_fn):
@@ -263,6 +271,8 @@ def _apply(adapter: Adapter, block: nn.Module, plan: BlockPlan) -> None:
             part_rows[adapter.mlp_multiplied] = plan.mlp
     if plan.shared is not None:
         part_rows["shared_gate"] = part_rows["shared_up"] = cols["shared_down"] = plan.shared
+    if plan.routed is not None:  # whole experts removed: their slices and router rows go
+        _drop_experts(block.get_submodule(adapter.mlp_path), plan.routed)
     if plan.experts is not None:
         experts = block.get_submodule(adapter.mlp_path).experts
         units = experts.down_proj.shape[2]
@@ -293,9 +303,14 @@ def _resize_empty(adapter: Adapter, block: nn.Module, shape: dict) -> None:
     if "shared" in shape:
         rows["shared_gate"] = rows["shared_up"] = cols["shared_down"] = shape["shared"]
     if "experts" in shape:
-        experts = block.get_submodule(adapter.mlp_path).experts
+        moe = block.get_submodule(adapter.mlp_path)
+        experts = moe.experts
         (E, _, C), w = experts.gate_up_proj.shape, experts.gate_up_proj
         empty = lambda *size: torch.empty(size, dtype=w.dtype, device=w.device)  # noqa: E731
+        if "num_experts" in shape:  # moe.whole_experts removed some: fewer experts and router rows
+            E = shape["num_experts"]
+            moe.gate.weight = nn.Parameter(empty(E, moe.gate.weight.shape[1]))
+            _set_expert_count(moe, E)
         _set_experts(experts, empty(E, 2 * shape["experts"], C), empty(E, C, shape["experts"]))
     out_rows = {}
     for role, n in rows.items():
@@ -306,6 +321,25 @@ def _resize_empty(adapter: Adapter, block: nn.Module, shape: dict) -> None:
         R, C = matrix(old).shape
         _replace(block, adapter.layer_paths[role], _linear(old, shape=(out_rows.get(role, R), cols.get(role, C))))
     adapter.set_heads(attention, shape["heads"], shape["kv_heads"], hd)
+
+
+def _drop_experts(moe: nn.Module, kept: Tensor) -> None:
+    """Keep only the routed experts `kept` of a MoE block: their fused slices, their router rows (the router's
+    softmax and top-k then run over them alone: what the router mask computed), the experts' counts."""
+    experts, router = moe.experts, moe.gate
+    keep = kept.to(experts.down_proj.device)
+    _set_experts(experts, experts.gate_up_proj[keep], experts.down_proj[keep])
+    router.weight = nn.Parameter(router.weight[kept.to(router.weight.device)].contiguous(),
+                                 requires_grad=router.weight.requires_grad)
+    _set_expert_count(moe, len(kept))
+    router.__dict__["_surgeon_removed"] = None
+
+
+def _set_expert_count(moe: nn.Module, n: int) -> None:
+    """A MoE block's modules told they hold `n` routed experts (surgeon's per-expert layers are made anew)."""
+    moe.experts.num_experts = moe.gate.num_experts = n
+    for key in ("_surgeon_linears", "forward"):  # surgeon.moe.expert_linears rebuilds them for the new count
+        moe.experts.__dict__.pop(key, None)
 
 
 def _set_experts(experts: nn.Module, gate_up: Tensor, down: Tensor) -> None:
@@ -375,7 +409,10 @@ def compact(model: nn.Module, uniform: bool = False) -> dict:
     zeros_left, prunable = _zeros(adapter, model)
     return {"params_before": before, "params": parameter_count(model),
             "heads": {"kept": sum(s["heads"] for s in shapes), "total": heads_total},
-            "mlp_units": {"kept": sum(_kept_units(s, e) for s, e in zip(shapes, n_experts)), "total": mlp_total},
+            "mlp_units": {"kept": sum(_kept_units(s, s.get("num_experts", e)) for s, e in zip(shapes, n_experts)),
+                          "total": mlp_total},
+            **({"experts": {"kept": sum(s.get("num_experts", e) for s, e in zip(shapes, n_experts)),
+                            "total": sum(n_experts)}} if any(n_experts) else {}),
             "zeros_before": zeros_before, "zeros_left": zeros_left, "prunable_params": prunable,
             "stock_loadable": stock, "uniform": uniform, "layers": shapes}
 

@@ -310,6 +310,7 @@ def _check_settings(cfg: DictConfig) -> None:
                           "and columns, nothing would get smaller")
     _positive_int("curvature.rank2_iters", cfg.curvature.rank2_iters)
     _positive_int("moe.min_tokens", cfg.moe.min_tokens)
+    _check_whole_experts(cfg)
     lora = cfg.lora
     if not isinstance(lora.enabled, bool):
         raise ConfigError(f"lora.enabled={lora.enabled!r} must be true or false")
@@ -511,6 +512,29 @@ def resolve_accumulate(cfg: DictConfig) -> str:
     return "float64" if memory.estimate(config, **settings).peak <= have else "float32"
 
 
+def _check_whole_experts(cfg: DictConfig) -> None:
+    """moe.whole_experts: routed experts removed whole, their router rows masked (surgeon.moe.mask_routers)."""
+    whole = cfg.moe.get("whole_experts", False)
+    if not isinstance(whole, bool):
+        raise ConfigError(f"moe.whole_experts={whole!r} must be true or false")
+    if not whole:
+        return
+    if cfg.structure.name != "structured" or cfg.method.name in LAYERWISE_METHODS:
+        raise ConfigError(f"moe.whole_experts=true removes whole experts in structured pruning: it needs "
+                          f"structure=structured and a method with structured costs (surgeon, kobd, lobd, magnitude), "
+                          f"not structure={cfg.structure.name} method={cfg.method.name}")
+    if cfg.selection == "uniform":
+        raise ConfigError("moe.whole_experts=true with selection=uniform: an expert is removed whole or not at all, it "
+                          "has no ratio of its own to keep; use selection=global")
+    if cfg.compact == "uniform":
+        raise ConfigError("moe.whole_experts=true with compact=uniform: blocks may keep different numbers of experts "
+                          "and a padded expert would still be routed to; use compact=true (surgeon.compact.load_compact "
+                          "reads it; the stock class does where every block keeps as many)")
+    if cfg.save_model and not cfg.compact:
+        raise ConfigError("moe.whole_experts=true with save_model=true needs compact=true: the stock class cannot mask "
+                          "a router row, so a removed expert is saved removed (router row and weights gone)")
+
+
 def check_model_type(cfg: DictConfig) -> None:
     """Refuse a model family without an adapter from its config alone (config.json's `model_type`, or a GGUF
     file's header), before the tokenizer or any weight is read; a config that cannot be read without a download
@@ -528,9 +552,14 @@ def check_model_type(cfg: DictConfig) -> None:
     if model_type is None:
         return
     try:
-        adapter_for(model_type)
+        adapter = adapter_for(model_type)
     except ValueError as err:
         raise ConfigError(f"model.name_or_path={cfg.model.name_or_path}: {err}") from None
+    from .adapters import MoEAdapter
+
+    if cfg.get("moe", {}).get("whole_experts") and not isinstance(adapter, MoEAdapter):
+        raise ConfigError(f"moe.whole_experts=true but model_type {model_type} has no routed experts (the families "
+                          f"with them: mixtral, qwen2_moe, qwen3_moe, olmoe)")
 
 
 def run_settings(cfg: DictConfig) -> dict:

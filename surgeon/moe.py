@@ -92,3 +92,51 @@ def route(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_wei
         out = down[e](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
     return final
+
+
+# ------------------------------------------------------------------ whole experts removed (moe.whole_experts)
+def attach_router(mlp: nn.Module) -> None:
+    """Remember the MoE block's router on its experts module (a plain attribute), for `mask_routers`."""
+    mlp.experts.__dict__["_surgeon_router"] = mlp.gate
+
+
+def masked_route(self: nn.Module, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The stock top-k router (transformers 5, Mixtral/Qwen-MoE/OLMoE) with the removed experts' logits at -inf:
+    softmax, top-k and the renormalisation run over the experts left, as the family's forward does for a model
+    that has only those (tests/test_moe.py compares with the stock forward and with the compacted model)."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight)
+    removed = self.__dict__.get("_surgeon_removed")
+    logits = router_logits if removed is None else router_logits.masked_fill(removed, float("-inf"))
+    probs = F.softmax(logits, dtype=torch.float, dim=-1)
+    top, index = torch.topk(probs, self.top_k, dim=-1)
+    norm = getattr(self, "norm_topk_prob", None)
+    if norm is None or norm:  # Mixtral always renormalises (and keeps float32 scores)
+        top = top / top.sum(dim=-1, keepdim=True)
+    if norm is not None:
+        top = top.to(router_logits.dtype)
+    return router_logits, top, index
+
+
+def whole_removed(layers, removed: dict[str, Tensor]) -> dict[int, Tensor]:
+    """Per MoE block index, (E,) bool: the routed experts whose every gate|up entry is removed (with
+    moe.whole_experts the selection removes an expert whole or not at all)."""
+    out: dict[int, list] = {}
+    for layer in layers:
+        if layer.type == "expert_gate_up":
+            out.setdefault(layer.block, []).append(bool(removed[layer.name].all()))
+    return {block: torch.tensor(flags) for block, flags in out.items()}
+
+
+def mask_routers(layers, removed: dict[str, Tensor]) -> None:
+    """Route no token to a removed expert (moe.whole_experts): each block's router gets the mask of its removed
+    experts (none: the stock result), from the masks alone, so it follows resume and the damping search."""
+    flags = whole_removed(layers, removed)
+    for layer in layers:
+        if layer.type != "expert_gate_up" or layer.expert != 0:
+            continue
+        router = layer.module.experts.__dict__["_surgeon_router"]
+        mask = flags[layer.block]
+        if "forward" not in router.__dict__:
+            router.__dict__["forward"] = masked_route.__get__(router)
+        router.__dict__["_surgeon_removed"] = mask.to(router.weight.device) if mask.any() else None

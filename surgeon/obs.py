@@ -269,6 +269,11 @@ class LayerOBS:
         out[self.live_cols] = quad / 2
         return self._weights(out)
 
+    def zero_cost(self) -> Tensor:
+        """() 1/2 <W, F W>: the OBS cost of removing every weight of the layer (nothing left to update; exact
+        under the damped curvature), a routed expert removed whole (moe.whole_experts)."""
+        return (self.W * self._F(self.W)).sum() / 2
+
     def obd_element_costs(self) -> Tensor:
         """(R, Cw) OBD costs 1/2 W_rc^2 F_(rc)(rc) (section 3, correlation=none)."""
         F_diag = sum(G.diagonal()[:, None] * A.diagonal()[None, :] for G, A in self.terms)

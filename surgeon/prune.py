@@ -91,6 +91,7 @@ class ShotOptions:
     # from_config); a shot built directly has no estimate to decide from and sums in float32
     accumulate: str = _setting("curvature.accumulate", protocol=True, default="float32")
     min_tokens: int = _setting("moe.min_tokens", protocol=True)
+    whole_experts: bool = _setting("moe.whole_experts", protocol=True, default=False)
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -264,6 +265,10 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     else:
         more, info = shot.solve(factors, opts, keep=False, progress=progress)
     seconds.update(more)
+    if opts.whole_experts and opts.structure == "structured":  # the search may have restored another try's masks
+        from .moe import mask_routers
+
+        mask_routers(layers, state.removed)
     experts = {name.rsplit(".", 1)[0]: n for name, n in routed.items() if name.endswith(".gate_up")}
     return seconds, {key: value for key, value in (("solves", info.pop("solves")), ("beta", info.pop("beta")),
                                                    ("expert_tokens", experts)) if value} | info
@@ -301,7 +306,17 @@ class _Shot:
         obd = opts.correlation == "none"
         beta: dict[str, float] = {}
         costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
+        whole = opts.whole_experts and opts.structure == "structured"  # routed experts: removed whole or kept
         for layer in mine:
+            if whole and layer.expert is not None:
+                if layer.name in idle:
+                    costs[layer.name, "zero"] = torch.full((1,), math.inf, device=layer.weight.device)
+                else:
+                    scorer = _scorer(layer, factors[layer.name], opts)
+                    cost = scorer.obd_element_costs().sum() if obd else scorer.zero_cost()
+                    costs[layer.name, "zero"] = cost.reshape(1)
+                    del scorer
+                continue
             if layer.name in idle:
                 inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
                 if opts.structure == "structured":
@@ -329,17 +344,27 @@ class _Shot:
         uniform = opts.selection == "uniform"
         if opts.structure == "structured":
             # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
-            keys = [(layer.name, kind) for layer in layers for kind in ("rows", "cols")]
+            units = [layer for layer in layers if not (whole and layer.expert is not None)]
+            keys = [(layer.name, kind) for layer in units for kind in ("rows", "cols")]
+            keys += [(layer.name, "zero") for layer in layers if whole and layer.expert is not None]
             costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
-            row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in layers}
-            col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in layers}
-            rows, cols = select_structured(row_costs, col_costs, state.rows, state.cols, self.target,
-                                           uniform=uniform)
+            row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in units}
+            col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in units}
+            groups = _whole_experts(layers, costs, state) if whole else None
+            chosen = select_structured(row_costs, col_costs, {n: state.rows[n] for n in row_costs},
+                                       {n: state.cols[n] for n in col_costs}, self.target, uniform=uniform,
+                                       whole=groups)
+            rows, cols = chosen[:2]
             del row_costs, col_costs
             state.rows.update(rows)
             state.cols.update(cols)
             for name in rows:
                 state.removed[name] = rows[name][:, None] | cols[name][None, :]
+            for block, drop in (chosen[2] if groups else {}).items():
+                for e in drop.nonzero().squeeze(1).tolist():
+                    for layer in groups[block].layers[e]:
+                        for masks in (state.rows, state.cols, state.removed):
+                            masks[layer.name] = torch.ones_like(masks[layer.name])
         else:
             # element costs stay with their owner: the threshold is found from counts combined over the ranks
             split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
@@ -361,7 +386,9 @@ class _Shot:
         t0 = time.perf_counter()
         solves = {}
         for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
-            if obd or layer.name in idle:
+            if obd or layer.name in idle or (whole and layer.expert is not None):  # an expert: whole or nothing
+                if not keep:
+                    factors.pop(layer.name, None)
                 continue
             name = layer.name
             t1 = time.perf_counter()
@@ -398,9 +425,41 @@ class _Shot:
                         distributed.broadcast(tensor.data, owner[layer.name])
             solves = _in_layer_order(layers, distributed.gather_objects(solves))
         apply_masks(layers, state)
+        if whole:
+            from .moe import mask_routers
+
+            mask_routers(layers, state.removed)  # no token reaches a removed expert: the rest share its weight
         _sync(devices)
         seconds["update"] = time.perf_counter() - t0
         return seconds, {"solves": solves, "beta": beta} | own
+
+
+def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState) -> dict:
+    """moe.whole_experts: per MoE block a selection.Whole over its routed experts (an expert's cost: the sum of its
+    layers' `zero` costs, removed from `costs`; its size: their weights), the `layers` of each expert kept on it.
+    The top_k most costly experts left in a block are no candidates: a block keeps at least the experts its
+    router chooses per token."""
+    from .selection import Whole
+
+    per_block: dict[int, dict[int, list[PrunableLayer]]] = {}
+    for layer in layers:
+        if layer.expert is not None:
+            per_block.setdefault(layer.block, {}).setdefault(layer.expert, []).append(layer)
+    groups = {}
+    for block, experts in per_block.items():
+        members = [experts[e] for e in sorted(experts)]
+        cost = torch.stack([sum(costs.pop((l.name, "zero")).double().sum() for l in ls) for ls in members])
+        size = torch.tensor([sum(l.weight.numel() for l in ls) for ls in members])
+        removed = torch.tensor([all(bool(state.removed[l.name].all()) for l in ls) for ls in members])
+        top_k = members[0][0].module.experts.__dict__["_surgeon_router"].top_k
+        alive = (~removed).nonzero().squeeze(1)
+        cheap = alive[torch.sort(cost[alive].cpu(), stable=True).indices[:max(0, len(alive) - top_k)]]
+        candidate = torch.zeros(len(members), dtype=torch.bool)
+        candidate[cheap] = True
+        whole = Whole(cost.cpu(), size, removed, candidate)
+        whole.layers = members
+        groups[block] = whole
+    return groups
 
 
 def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch.Tensor, center: float, *,

@@ -101,6 +101,8 @@ def upgrade(record: dict) -> dict:
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
+        if isinstance(record["config"]["moe"], dict):  # before moe.whole_experts
+            record["config"]["moe"].setdefault("whole_experts", False)
         # before quantize.*: nothing was quantized (bits null; the other keys as they were when they came)
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
@@ -115,6 +117,7 @@ def upgrade(record: dict) -> dict:
         p.setdefault("precision", "fp32")
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
         p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
+        p.setdefault("whole_experts", False)  # before moe.whole_experts: experts lost units, never whole
         p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)

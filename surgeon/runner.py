@@ -323,6 +323,10 @@ def _prepare(job: Job, ckpt: dict | None) -> Job:
             for layer in job.layers:
                 layer.module.load_state_dict(ckpt["weights"][layer.name])
         job.state = PruneState.from_state_dict(ckpt["state"], job.layers)
+        if cfg.moe.get("whole_experts") and cfg.structure.name == "structured":  # removed experts: routed to none
+            from .moe import mask_routers
+
+            mask_routers(job.layers, job.state.removed)
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():

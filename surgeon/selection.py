@@ -177,10 +177,24 @@ def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: floa
     return out
 
 
-def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget: int):
-    """Largest prefix of the merged per-layer sorted row/column lists removing <= budget weights."""
-    device = next(iter(row_costs.values())).device
-    dtype = _common_dtype([*row_costs.values(), *col_costs.values()])
+@dataclass
+class Whole:
+    """Units removed whole or not at all (moe.whole_experts: a block's routed experts): per unit its cost, its
+    weights, whether it is already removed (forced, cost -inf) and whether it may be removed at all."""
+
+    costs: Tensor      # (k,)
+    sizes: Tensor      # (k,) int
+    removed: Tensor    # (k,) bool
+    candidate: Tensor  # (k,) bool; removed units stay removed whatever this says
+
+
+def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget: int,
+                       whole: dict[str, Whole] | None = None):
+    """Largest prefix of the merged per-layer sorted row/column lists (and `whole` units, each adding its size)
+    removing <= budget weights; returns rows, cols (and with `whole` the chosen units per group)."""
+    whole = whole or {}
+    device = next(iter([*row_costs.values(), *(w.costs for w in whole.values())])).device
+    dtype = _common_dtype([*row_costs.values(), *col_costs.values(), *(w.costs for w in whole.values())])
     keys, deltas, ids, sizes = [], [], [], []
     offset, n_forced = 0, 0
     for name in row_costs:
@@ -198,24 +212,40 @@ def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget:
         sizes.append(R + Cw)
         offset += R + Cw
         n_forced += int(removed_rows[name].sum()) + int(removed_cols[name].sum())
+    for name, w in whole.items():  # one list per group: its units by cost, each adding its own size
+        removed = w.removed.to(device)
+        live = (w.candidate.to(device) | removed).nonzero().squeeze(1)
+        key = w.costs.to(device, dtype).masked_fill(removed, -math.inf)[live]
+        key, order = torch.sort(key, stable=True)
+        keys.append(key)
+        deltas.append(w.sizes.to(device)[live][order].to(torch.int64))
+        ids.append(live[order] + offset)
+        sizes.append(len(w.costs))
+        offset += len(w.costs)
+        n_forced += int(removed.sum())
     order = torch.sort(torch.cat(keys), stable=True).indices
     cumulative = torch.cat(deltas)[order].cumsum(0)
     # Each item adds >= 0 weights, so the cumulative count is sorted and the prefix is a search.
     length = max(n_forced, int(torch.searchsorted(cumulative, torch.tensor([budget], device=device), right=True)))
     chosen = torch.zeros(offset, dtype=torch.bool, device=device)
     chosen[torch.cat(ids)[order[:length]]] = True
-    rows, cols = {}, {}
-    for name, part in zip(row_costs, chosen.split(sizes)):
+    rows, cols, units = {}, {}, {}
+    parts = chosen.split(sizes)
+    for name, part in zip(row_costs, parts):
         R = len(row_costs[name])
         rows[name] = part[:R].to(removed_rows[name].device)
         cols[name] = part[R:].to(removed_cols[name].device)
-    return rows, cols
+    for name, part in zip(whole, parts[len(row_costs):]):
+        units[name] = part.to(whole[name].removed.device)
+    return (rows, cols, units) if whole else (rows, cols)
 
 
 def select_structured(row_costs: dict[str, Tensor], col_costs: dict[str, Tensor],
                       removed_rows: dict[str, Tensor], removed_cols: dict[str, Tensor], target: float,
-                      uniform: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Rows and columns in the largest prefix of the merged cost order within target * total (section 4)."""
+                      uniform: bool = False, whole: dict[str, Whole] | None = None):
+    """Rows and columns in the largest prefix of the merged cost order within target * total (section 4).
+    `whole`: groups of units removed whole (moe.whole_experts), their weights counted in the total, in the same
+    order; then returns (rows, cols, chosen units per group)."""
     _check_target(target)
     _check_masks(row_costs, removed_rows, "row costs")
     _check_masks(col_costs, removed_cols, "column costs")
@@ -227,6 +257,8 @@ def select_structured(row_costs: dict[str, Tensor], col_costs: dict[str, Tensor]
         # Counts are integers; the epsilon keeps e.g. 0.29 * 100 = 28.999... from losing a weight.
         return math.floor(target * numel + 1e-9)
 
+    if uniform and whole:
+        raise ValueError("selection=uniform keeps each layer's own ratio: whole units have none")
     if uniform:
         rows, cols = {}, {}
         for name in row_costs:
@@ -237,4 +269,5 @@ def select_structured(row_costs: dict[str, Tensor], col_costs: dict[str, Tensor]
             cols.update(c)
         return rows, cols
     total = sum(len(row_costs[name]) * len(col_costs[name]) for name in row_costs)
-    return _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget(total))
+    total += sum(int(w.sizes.sum()) for w in (whole or {}).values())
+    return _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget(total), whole)

@@ -327,3 +327,198 @@ def test_two_processes_divide_the_experts_and_give_the_one_process_masks(tmp_pat
         for shot, alone in zip(shots, one):
             assert shot["tokens"] == alone["tokens"] and shot["tokens"]["model.layers.0.mlp.experts.3"] == 0
             assert shot["masks"] == alone["masks"]
+
+
+# ------------------------------------------------------------------ moe.whole_experts: experts removed whole
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_masked_router_is_the_stock_router_over_the_experts_left(model_type):
+    """surgeon.moe.masked_route with no mask is the family's router; with experts masked it is the router of a
+    model holding only the others (its weight rows alone: softmax, top-k and renormalisation over them)."""
+    from surgeon.moe import masked_route
+
+    model = tiny(model_type, experts=6)
+    router = model.model.layers[0].mlp.gate
+    h = torch.randn(20, router.hidden_dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = router(h)
+    got = masked_route(router, h)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    removed = torch.tensor([False, True, False, False, True, False])
+    router.__dict__["_surgeon_removed"] = removed
+    logits, scores, index = masked_route(router, h)
+    kept = (~removed).nonzero().squeeze(1)
+    small = copy.deepcopy(router)
+    small.__dict__.pop("_surgeon_removed")
+    small.weight = torch.nn.Parameter(router.weight[kept])
+    _, scores_small, index_small = small(h)
+    assert torch.equal(index, kept[index_small]) and not removed[index].any()
+    torch.testing.assert_close(scores, scores_small, rtol=1e-12, atol=1e-12)
+
+
+def test_whole_expert_cost_is_the_quadratic_of_removing_every_weight():
+    """LayerOBS.zero_cost = 1/2 vec(W)^T (G_d (x) A_d) vec(W), the dense quadratic (nothing left to update)."""
+    from surgeon.obs import LayerOBS, damp
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    X, Y = torch.randn(7, 7, dtype=torch.float64, generator=g), torch.randn(5, 5, dtype=torch.float64, generator=g)
+    A, G = X @ X.T, Y @ Y.T
+    obs = LayerOBS(W, A, G, damping_a=0.01, damping_g=0.1, has_bias=False)
+    F = torch.kron(damp(G, 0.1), damp(A, 0.01))
+    w = W.flatten()
+    assert obs.zero_cost().item() == pytest.approx(0.5 * (w @ F @ w).item(), rel=1e-12)
+
+
+def _prefix_by_hand(rows, cols, whole, budget):
+    """The largest prefix of all candidates by cost (rows and columns per layer, whole units per group), in a
+    plain loop: each row adds its unremoved columns' weights, each column its unremoved rows', each unit its size."""
+    items = []
+    for name in rows:
+        items += [(c, 0, name, "row", i) for i, c in enumerate(rows[name].tolist())]
+        items += [(c, 0, name, "col", j) for j, c in enumerate(cols[name].tolist())]
+    for name, w in whole.items():
+        items += [(c, 1, name, "unit", k) for k, c in enumerate(w.costs.tolist()) if w.candidate[k]]
+    items.sort(key=lambda t: t[0])
+    taken = {(n, kind): set() for n in rows for kind in ("row", "col")} | {(n, "unit"): set() for n in whole}
+    total = 0
+    for cost, _, name, kind, i in items:
+        if kind == "unit":
+            add = int(whole[name].sizes[i])
+        else:
+            R, C = len(rows[name]), len(cols[name])
+            other = len(taken[name, "col" if kind == "row" else "row"])
+            add = (C if kind == "row" else R) - other
+        if total + add > budget:
+            break
+        total += add
+        taken[name, kind].add(i)
+    return taken
+
+
+def test_whole_units_join_the_global_threshold_as_a_prefix_by_cost():
+    """select_structured with `whole` groups: the rows, columns and units chosen are the largest prefix of the
+    merged cost order (checked by a plain loop); units that are no candidates are never chosen."""
+    from surgeon.selection import Whole, select_structured
+
+    g = torch.Generator().manual_seed(5)
+    rows = {"a": torch.rand(6, generator=g, dtype=torch.float64), "b": torch.rand(4, generator=g, dtype=torch.float64)}
+    cols = {"a": torch.rand(5, generator=g, dtype=torch.float64), "b": torch.rand(3, generator=g, dtype=torch.float64)}
+    whole = {"e": Whole(torch.rand(5, generator=g, dtype=torch.float64), torch.tensor([9, 9, 9, 9, 9]),
+                        torch.zeros(5, dtype=torch.bool), torch.tensor([True, True, False, True, True]))}
+    no = lambda d: {k: torch.zeros(len(v), dtype=torch.bool) for k, v in d.items()}  # noqa: E731
+    total = 6 * 5 + 4 * 3 + 45
+    for target in (0.1, 0.3, 0.5, 0.8):
+        r, c, u = select_structured(rows, cols, no(rows), no(cols), target, whole=whole)
+        want = _prefix_by_hand(rows, cols, whole, int(target * total + 1e-9))
+        for name in rows:
+            assert set(r[name].nonzero().squeeze(1).tolist()) == want[name, "row"]
+            assert set(c[name].nonzero().squeeze(1).tolist()) == want[name, "col"]
+        assert set(u["e"].nonzero().squeeze(1).tolist()) == want["e", "unit"] and not u["e"][2]
+
+
+def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypatch):
+    """Mixtral, two MoE blocks of 4 experts, structured to 70% size with moe.whole_experts: each removed expert is
+    all zero and routed to by no token; the shot's record names them; compaction drops them (and their router
+    rows) at the zeroed model's perplexity; the saved folder loads (the stock class where every block keeps as
+    many experts, else load_compact) with the record's perplexity; a run stopped after shot 1 resumes to the
+    same result."""
+    from conftest import compose
+
+    from surgeon import runner
+    from surgeon.compact import load_compact
+    from surgeon.config import shared_dir
+    from surgeon.runner import perplexity, prepare_data
+
+    if not (shared_dir() / "models").is_dir():
+        pytest.skip(f"testbed not found at {shared_dir()} (set SURGEON_SHARED)")
+    from test_families import data, tiny_config
+
+    tokenizer = T.AutoTokenizer.from_pretrained(shared_dir() / "models" / "llama-tiny-wt2")
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(tiny_config("mixtral")).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "text"
+    text.mkdir()
+    for split in ("valid", "test"):
+        (text / f"{split}.txt").write_text((shared_dir() / "data" / "wikitext-2" / f"{split}.txt").read_text()[:20000])
+    args = [f"model.name_or_path={tmp_path / 'model'}", "model.name=tiny", *data({"text": text}), "calib.n=4",
+            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=4", "shots=2",
+            "structure=structured", "target=0.6", "moe.whole_experts=true", f"results={tmp_path}/records.jsonl"]
+    full = runner.run(compose([*args, "compact=true", "save_model=true"]), tmp_path / "full")
+    assert full["protocol"]["whole_experts"] is True
+    c = full["compact"]
+    assert c["experts"]["kept"] < c["experts"]["total"] == 8
+    assert c["ppl"] == pytest.approx(full["points"][-1]["ppl"], rel=1e-5)
+    removed = {name for name in (layer["name"] for layer in full["layers"]) if ".experts." in name
+               and next(l for l in full["layers"] if l["name"] == name)["sparsity"] == 1.0}
+    assert len(removed) == 2 * (c["experts"]["total"] - c["experts"]["kept"])  # gate_up and down of each
+    counts = [s["num_experts"] for s in c["layers"] if "num_experts" in s]
+    assert counts and all(n >= 2 for n in counts)  # top-2 routing: a block keeps at least 2
+    data_ = prepare_data(compose(args))
+    path = full["model_dir"]
+    if c["stock_loadable"]:
+        reloaded = T.AutoModelForCausalLM.from_pretrained(path)
+    else:
+        reloaded = load_compact(path)
+    assert perplexity(reloaded, data_.eval_windows) == pytest.approx(c["ppl"], rel=1e-5)
+
+    def stop(shot):
+        if shot == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_test_pause", stop)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(compose(args), tmp_path / "stopped")
+    monkeypatch.undo()
+    resumed = runner.run(compose([*args, "resume=true"]), tmp_path / "stopped")
+    assert resumed["resumed_from_shot"] == 1
+    assert resumed["final_ppl"] == pytest.approx(full["final_ppl"], rel=1e-9)
+
+
+def test_whole_expert_settings_are_refused_clearly():
+    from conftest import compose
+
+    from surgeon.config import ConfigError, validate
+
+    for extra, words in ((["structure=unstructured"], "structure=structured"),
+                         (["selection=uniform"], "selection=uniform"),
+                         (["compact=uniform"], "compact=uniform"),
+                         (["save_model=true"], "needs compact=true"),
+                         (["model=opt-tiny"], "no routed experts")):
+        with pytest.raises(ConfigError, match=words):
+            validate(compose(["moe.whole_experts=true", *extra]))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_whole_experts_removed_compact_to_the_stock_class(model_type, tmp_path):
+    """One structured shot with moe.whole_experts on a one-block model of 6 experts: the removed experts get no
+    token (the router mask) and are all zero; compaction drops them and their router rows with the same logits,
+    writes the count into the config, and the stock from_pretrained reloads the folder with those logits."""
+    from surgeon.compact import compact
+    from surgeon.prune import PruneState, ShotOptions, prune_shot
+
+    model = tiny(model_type, experts=6)
+    layers = adapter_for(model_type).layers(model)
+    state = PruneState.empty(layers)
+    opts = ShotOptions(method="surgeon", kind="kfac", structure="structured", correlation="layer", damping_g=0.1,
+                       tol=1e-10, whole_experts=True)
+    prune_shot(model, layers, list(ids().split(3)), state, 0.4, opts)
+    mask = model.model.layers[0].mlp.gate.__dict__["_surgeon_removed"]
+    assert mask is not None and 1 <= int(mask.sum()) <= 4
+    for layer in layers:
+        if layer.expert is not None:
+            assert bool((layer.weight == 0).all()) == bool(mask[layer.expert]), layer.name
+    _, info = prune_shot(model, layers, list(ids().split(3)), state, 0.4, opts)  # again: nothing reaches them
+    for e in mask.nonzero().squeeze(1).tolist():
+        assert info["expert_tokens"][f"model.layers.0.mlp.experts.{e}"] == 0
+    with torch.no_grad():
+        before = model(input_ids=ids()).logits
+    report = compact(model)
+    assert report["experts"] == {"kept": 6 - int(mask.sum()), "total": 6} and report["stock_loadable"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids()).logits, before, rtol=1e-10, atol=1e-10)
+    model.save_pretrained(tmp_path)
+    reloaded = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
+                                                     experts_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids()).logits, before, rtol=1e-10, atol=1e-10)
