@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The mixture-of-experts measurement (docs/moe.md): the upcycled, briefly trained Mixtral testbed model
 # (experiments/train_moe.py), LLM Surgeon against K-OBD, magnitude, SparseGPT (and Wanda) at 50% unstructured
-# and 2:4, and structured pruning of expert units (and attention) to 80% size; quick protocol (calib.n=32,
+# and 2:4, and structured pruning of expert units (and attention) to 80% size, also with whole experts removed; quick protocol (calib.n=32,
 # 128 test windows, 2 shots for the curvature methods). Records go to results/moe-tiny.jsonl; tables and figures:
 #   python -m experiments.report --records results/moe-tiny.jsonl --out reports/moe-tiny
 # Jobs already complete in the records are skipped (skip_done=true): rerunning continues.
@@ -18,4 +18,7 @@ for method in surgeon kobd magnitude sparsegpt wanda; do
 done
 for method in surgeon kobd magnitude; do
   python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=2
+done
+for method in surgeon kobd magnitude; do  # whole experts (their router rows masked) instead of expert units
+  python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=2 moe.whole_experts=true compact=true
 done
