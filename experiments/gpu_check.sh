@@ -10,6 +10,8 @@
 #                   unstructured 50% in 5 shots; each final perplexity
 #                   against the CPU's in reports/gpu_check/cpu-reference.jsonl (same commands on a CPU);
 #         compare   (also the pipeline's last part) the records in OUTDIR/records.jsonl against the CPU reference;
+#         serve     saved llama-tiny 2:4 and int4 models' token throughput against dense (experiments.bench_serve;
+#                   OUTDIR/serve.jsonl);
 #         table     the full bfloat16 scale table (OPT-125m, OPT-1.3b, TinyLlama-1.1B, Llama-2-7B, one shot per
 #                   structure), timed as a whole.
 #       Out: OUTDIR/bench_scale.jsonl (rows as measured), OUTDIR/records.jsonl (the pipeline's records),
@@ -137,7 +139,16 @@ for s in $steps; do
     table)
         # shellcheck disable=SC2086
         step "full table" "${bench[@]}" --shapes $table ;;
-    *) echo "unknown step $s (shot7b, pipeline, compare, table)" >&2; exit 2 ;;
+    serve)
+        # token throughput of llama-tiny dense / LLM Surgeon 2:4 (as semi-structured sparse tensors) / int4 g128
+        # (compressed-tensors, reloaded by from_pretrained), float16 (experiments.bench_serve)
+        dense="${SURGEON_SHARED:-../shared}/models/llama-tiny-wt2"
+        pipeline serve-24 model=llama-tiny structure=semistructured shots=1 save_model=true eval.max_windows=8
+        pipeline serve-int4 model=llama-tiny shots=0 quantize=w4g128 save_model=true eval.max_windows=8
+        step "serve" python3 -m experiments.bench_serve "dense=$dense" "sparse24=$runs/serve-24/model" \
+            "int4=$runs/serve-int4/model" --device "$device" $([[ $device == cuda* ]] && echo --semi) \
+            --out "$out/serve.jsonl" ;;
+    *) echo "unknown step $s (shot7b, pipeline, compare, table, serve)" >&2; exit 2 ;;
     esac
 done
 lines() { if [[ -f $1 ]]; then wc -l < "$1"; else echo 0; fi; }

@@ -352,3 +352,19 @@ def test_sequential_inputs_are_those_through_the_blocks_already_changed():
         torch.testing.assert_close(factors[layer.name].A, X.T @ X / X.shape[0], rtol=1e-9, atol=1e-12)
         assert not torch.allclose(factors[layer.name].A, kfac_a[layer.name])
     assert next(steps, None) is None
+
+
+def test_serving_benchmark_runs_on_the_cpu_and_writes_ratios(tmp_path, shared):
+    """experiments.bench_serve (the GPU throughput measurement, prepared): on a CPU it loads saved folders, times
+    prefill and decode, and writes each model's ratio to the first's; --semi is refused without CUDA."""
+    from experiments import bench_serve
+
+    dense = shared / "models" / "llama-tiny-wt2"
+    out = tmp_path / "serve.jsonl"
+    rows = bench_serve.main([f"dense={dense}", f"again={dense}", "--device", "cpu", "--dtype", "float32",
+                             "--batch", "2", "--prompt", "16", "--new", "4", "--repeats", "1", "--out", str(out)])
+    assert [r["name"] for r in rows] == ["dense", "again"] and rows[0]["prefill_ratio"] == 1.0
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["folder_bytes"] > 0 for r in rows)
+    assert len(out.read_text().splitlines()) == 2
+    with pytest.raises(SystemExit):
+        bench_serve.main([f"dense={dense}", "--device", "cpu", "--semi"])
