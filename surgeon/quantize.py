@@ -446,7 +446,10 @@ def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:
                     mod.weight_zero_point.dtype))
     fmt = "pack-quantized" if q.symmetric else "int-quantized"
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
-    compressor.compress_model(model)
+    from compressed_tensors.offload.utils import as_single_threaded
+
+    with as_single_threaded():  # under torchrun only rank 0 saves: compressed-tensors must not split the work
+        compressor.compress_model(model)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     compressor.update_config(str(out_dir))

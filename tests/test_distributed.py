@@ -33,7 +33,10 @@ VARIANTS = {"lobd-unstructured": ["method=lobd", *STRUCTURES["unstructured"], "l
             "compact-structured": [*STRUCTURES["structured"], "compact=true", "save_model=true"],
             # the damping search: held-out losses split over the ranks, the same tries and choices
             "auto-damping-structured": [*STRUCTURES["structured"], "curvature.damping=auto",
-                                        "curvature.auto_damping.heldout=4"]}
+                                        "curvature.auto_damping.heldout=4"],
+            # quantization after the shots: its KFAC pass split like the others, its RTN twin, one export by rank 0
+            "quantize-unstructured": [*STRUCTURES["unstructured"], "quantize=w4g128", "quantize.baseline=true",
+                                      "save_model=true"]}
 
 
 def test_share_is_contiguous_and_owners_balance_the_work():
@@ -403,6 +406,10 @@ def test_torchrun_two_processes_match_one_process(structure, tmp_path, shared):
         assert two["compact"]["ppl"] == pytest.approx(one["compact"]["ppl"], rel=1e-9)
     if "logger=wandb" in overrides:
         assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
+    if "quantize=w4g128" in overrides:
+        assert two["quantize"]["ppl"] == pytest.approx(one["quantize"]["ppl"], rel=1e-9)
+        assert two["quantize"]["baseline"]["ppl"] == pytest.approx(one["quantize"]["baseline"]["ppl"], rel=1e-9)
+        assert two["quantize"]["export"]["bytes"] == one["quantize"]["export"]["bytes"]
     for point in two["points"]:  # every rank's phase seconds and peak, in rank order; none in one process
         assert len(point["ranks"]) == 2 and point["ranks"][0]["seconds"] == point["seconds"]
         assert all(set(r["seconds"]) == set(point["seconds"]) and r["peak_memory_mb"] > 0
