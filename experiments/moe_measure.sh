@@ -19,6 +19,9 @@ done
 for method in surgeon kobd magnitude; do
   python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=2
 done
-for method in surgeon kobd magnitude; do  # whole experts (their router rows masked) instead of expert units
-  python run.py "${COMMON[@]}" method=$method structure=structured target=0.2 shots=2 moe.whole_experts=true compact=true
+# whole experts (their router rows masked) against expert units, on the same model, compacted: results/moe-tiny-whole.jsonl
+WHOLE=("${COMMON[@]/results=results\/moe-tiny.jsonl/results=results/moe-tiny-whole.jsonl}")
+for method in surgeon kobd magnitude; do
+  python run.py "${WHOLE[@]}" method=$method structure=structured target=0.2 shots=2 compact=true
+  python run.py "${WHOLE[@]}" method=$method structure=structured target=0.2 shots=2 compact=true moe.whole_experts=true
 done
