@@ -213,13 +213,9 @@ def test_an_expert_no_token_reaches_is_kept_and_nothing_is_nan(method):
     assert zeros / sum(l.weight.numel() for l in layers) == pytest.approx(0.5, abs=0.01)
 
 
-def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    """A qwen2_moe run (routed and shared experts) stopped after shot 2 of 3 resumes from its checkpoint: the
-    experts' weights come back from it (their slices of the fused parameters) and the result is the
-    uninterrupted run's; the record keeps each shot's expert token counts."""
-    from conftest import compose
-
-    from surgeon import runner
+def _saved_tiny(tmp_path, model_type: str) -> list[str]:
+    """A saved tiny random-init `model_type` model (tests/test_families.py's config) with the testbed tokenizer and
+    20 kB of the testbed text: run.py's model and data overrides for it (skips without the testbed)."""
     from surgeon.config import shared_dir
 
     if not (shared_dir() / "models").is_dir():
@@ -228,14 +224,25 @@ def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     tokenizer = T.AutoTokenizer.from_pretrained(shared_dir() / "models" / "llama-tiny-wt2")
     torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(tiny_config("qwen2_moe")).save_pretrained(tmp_path / "model")
+    T.AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     text = tmp_path / "text"
     text.mkdir()
     for split in ("valid", "test"):
         (text / f"{split}.txt").write_text((shared_dir() / "data" / "wikitext-2" / f"{split}.txt").read_text()[:20000])
-    args = [f"model.name_or_path={tmp_path / 'model'}", "model.name=tiny", *data({"text": text}), "calib.n=4",
-            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=2", "shots=3",
+    return [f"model.name_or_path={tmp_path / 'model'}", "model.name=tiny", *data({"text": text}), "calib.n=4",
+            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32"]
+
+
+def test_a_moe_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A qwen2_moe run (routed and shared experts) stopped after shot 2 of 3 resumes from its checkpoint: the
+    experts' weights come back from it (their slices of the fused parameters) and the result is the
+    uninterrupted run's; the record keeps each shot's expert token counts."""
+    from conftest import compose
+
+    from surgeon import runner
+
+    args = [*_saved_tiny(tmp_path, "qwen2_moe"), "eval.max_windows=2", "shots=3",
             "structure=unstructured", "target=0.5", f"results={tmp_path}/records.jsonl"]
     full = runner.run(compose(args), tmp_path / "full")
 
@@ -426,23 +433,9 @@ def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypa
 
     from surgeon import runner
     from surgeon.compact import load_compact
-    from surgeon.config import shared_dir
     from surgeon.runner import perplexity, prepare_data
 
-    if not (shared_dir() / "models").is_dir():
-        pytest.skip(f"testbed not found at {shared_dir()} (set SURGEON_SHARED)")
-    from test_families import data, tiny_config
-
-    tokenizer = T.AutoTokenizer.from_pretrained(shared_dir() / "models" / "llama-tiny-wt2")
-    torch.manual_seed(0)
-    T.AutoModelForCausalLM.from_config(tiny_config("mixtral")).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    text = tmp_path / "text"
-    text.mkdir()
-    for split in ("valid", "test"):
-        (text / f"{split}.txt").write_text((shared_dir() / "data" / "wikitext-2" / f"{split}.txt").read_text()[:20000])
-    args = [f"model.name_or_path={tmp_path / 'model'}", "model.name=tiny", *data({"text": text}), "calib.n=4",
-            "calib.seq_len=32", "calib.batch_size=4", "eval.seq_len=32", "eval.max_windows=4", "shots=2",
+    args = [*_saved_tiny(tmp_path, "mixtral"), "eval.max_windows=4", "shots=2",
             "structure=structured", "target=0.6", "moe.whole_experts=true", f"results={tmp_path}/records.jsonl"]
     full = runner.run(compose([*args, "compact=true", "save_model=true"]), tmp_path / "full")
     assert full["protocol"]["whole_experts"] is True
