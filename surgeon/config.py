@@ -512,11 +512,17 @@ def resolve_accumulate(cfg: DictConfig) -> str:
     return "float64" if memory.estimate(config, **settings).peak <= have else "float32"
 
 
+WHOLE_COSTS = ("reroute", "zero")  # moe.whole_cost: measured re-routing cost, or the KFAC cost of a zeroed output
+
+
 def _check_whole_experts(cfg: DictConfig) -> None:
     """moe.whole_experts: routed experts removed whole, their router rows masked (surgeon.moe.mask_routers)."""
     whole = cfg.moe.get("whole_experts", False)
     if not isinstance(whole, bool):
         raise ConfigError(f"moe.whole_experts={whole!r} must be true or false")
+    cost = cfg.moe.get("whole_cost", "reroute")
+    if cost not in WHOLE_COSTS:
+        raise ConfigError(f"moe.whole_cost={cost!r} is not supported; valid values: {list(WHOLE_COSTS)}")
     if not whole:
         return
     if cfg.structure.name != "structured" or cfg.method.name in LAYERWISE_METHODS:

@@ -13,6 +13,8 @@ Linear layers.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,14 +85,21 @@ def route(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_wei
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    rerouting = self.__dict__.get("_surgeon_rerouting") if torch.is_grad_enabled() else None
+    outputs = []  # with a Rerouting measurement: (tokens, top-k position, expert output before its router weight)
     for expert_idx in expert_hit:
         e = int(expert_idx[0])
         if e == E:  # tokens sent to no local expert (expert parallelism)
             continue
         top_k_pos, token_idx = torch.where(expert_mask[e])
         gate, up = gate_up[e](hidden_states[token_idx]).chunk(2, dim=-1)
-        out = down[e](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
+        raw = down[e](self.act_fn(gate) * up)
+        out = raw * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
+        if rerouting is not None:
+            outputs.append((token_idx, top_k_pos, raw.detach()))
+    if rerouting is not None and final.requires_grad:
+        rerouting.observe(self, hidden_states.detach(), top_k_index, outputs, final)
     return final
 
 
@@ -140,3 +149,103 @@ def mask_routers(layers, removed: dict[str, Tensor]) -> None:
         if "forward" not in router.__dict__:
             router.__dict__["forward"] = masked_route.__get__(router)
         router.__dict__["_surgeon_removed"] = mask.to(router.weight.device) if mask.any() else None
+
+
+class Rerouting:
+    """What removing each routed expert of one block whole costs (moe.whole_cost=reroute), measured in the
+    curvature pass: the router then sends the expert's tokens to their next choice among the experts left and
+    renormalises as the family does (masked_route), so the block's routed output changes by delta_t at every
+    token it reaches, and the cost is the empirical Fisher's second-order term of that change,
+    1/2 (1/N) sum_t (g_t . delta_t)^2 over the N calibration tokens, g_t the loss gradient at the block's routed
+    output (docs/algorithm.md section 9). `zero` holds the same sum for the expert's output set to zero (what the
+    KFAC cost of its layers models). Both come from scalars: with s_tj = g_t . y_tj for the outputs y of a token's
+    top-k experts and of its next choice (one extra expert per token, computed here without gradient),
+    g_t . delta_t is a weighted sum of the s_tj; no output change is stored."""
+
+    def __init__(self, experts: int, dtype: torch.dtype, device):
+        self.zero = torch.zeros(experts, dtype=torch.float64, device=device)
+        self.reroute = torch.zeros(experts, dtype=torch.float64, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)
+        self.dtype = dtype
+
+    def costs(self) -> tuple[Tensor, Tensor]:
+        """(E,) float64: 1/2 (1/N) sum_t (g . delta)^2 with the expert re-routed, and with its output zeroed."""
+        n = self.tokens.clamp_min(1)
+        return 0.5 * self.reroute / n, 0.5 * self.zero / n
+
+    @torch.no_grad()
+    def observe(self, experts: nn.Module, h: Tensor, index: Tensor, outputs: list, final: Tensor) -> None:
+        """From one forward: the router's probabilities over the experts left, each token's next choice and its
+        output; the sums are added in the backward hook of `final` (the block's routed output)."""
+        router = experts.__dict__["_surgeon_router"]
+        linears = experts.__dict__["_surgeon_linears"]
+        dt = self.dtype
+        logits = F.linear(h, router.weight)
+        removed = router.__dict__.get("_surgeon_removed")
+        if removed is not None:
+            logits = logits.masked_fill(removed, float("-inf"))
+        p = torch.softmax(logits, dim=-1, dtype=torch.float).to(dt)  # (T, E) as the router's; 0 where removed
+        k, E = index.shape[1], p.shape[1]
+        alive = E - (0 if removed is None else int(removed.sum()))
+        p_top = p.gather(1, index)  # (T, k): the forward's choices
+        nxt = None
+        if alive > k:  # each token's next choice: its best expert left outside its top k
+            rest = p.scatter(1, index, -1.0)
+            if removed is not None:
+                rest = rest.masked_fill(removed, -1.0)
+            nxt = rest.argmax(dim=1)
+            p_next = p.gather(1, nxt[:, None]).squeeze(1)
+            y_next = torch.zeros(h.shape[0], h.shape[1], dtype=dt, device=h.device)
+            gate_up, down = linears["expert_gate_up"], linears["expert_down"]
+            for e in nxt.unique().tolist():
+                tok = (nxt == e).nonzero().squeeze(1)
+                # the weights, not the modules: the curvature hooks must not see this extra forward
+                gate, up = F.linear(h[tok], gate_up[e].weight).chunk(2, dim=-1)
+                y_next[tok] = F.linear(experts.act_fn(gate) * up, down[e].weight).to(dt)
+        norm = getattr(router, "norm_topk_prob", None)
+        normalised = norm is None or bool(norm)  # as masked_route: Mixtral always renormalises
+
+        def hook(grad: Tensor) -> None:
+            g = grad.detach().reshape(h.shape).to(dt)
+            s = torch.zeros(index.shape, dtype=dt, device=h.device)  # s[t, q] = g_t . y of its q-th expert
+            for token_idx, pos, raw in outputs:
+                s[token_idx, pos] = (g[token_idx] * raw.to(dt)).sum(dim=-1)
+            total = p_top.sum(dim=1)
+            w = p_top / total[:, None] if normalised else p_top
+            old = (w * s).sum(dim=1)  # g . (routed output)
+            self.zero.index_add_(0, index.reshape(-1), ((w * s) ** 2).reshape(-1).double())
+            self.tokens += h.shape[0]
+            if nxt is None:
+                return
+            s_next = (g * y_next).sum(dim=-1)
+            raw_sum = (p_top * s).sum(dim=1)
+            for q in range(k):  # the expert at position q removed: its share goes to the next choice
+                kept = raw_sum - p_top[:, q] * s[:, q] + p_next * s_next
+                denom = (total - p_top[:, q] + p_next) if normalised else (1 - p_top[:, q])
+                delta = kept / denom.clamp_min(1e-30) - old
+                self.reroute.index_add_(0, index[:, q], (delta ** 2).double())
+            if not normalised:  # an expert outside the top k: the softmax over the rest scales every weight
+                scale = p / (1 - p).clamp_min(1e-30)
+                scale = scale.scatter(1, index, 0.0)
+                self.reroute += ((scale * old[:, None]) ** 2).sum(dim=0).double()
+
+        final.register_hook(hook)
+
+
+@contextlib.contextmanager
+def measure_rerouting(layers, dtype: torch.dtype):
+    """While open, the curvature pass measures every MoE block's Rerouting; yields {block: Rerouting}."""
+    found: dict[int, Rerouting] = {}
+    modules = []
+    for layer in layers:
+        if layer.type == "expert_down" and layer.expert == 0:
+            experts = layer.module.experts
+            found[layer.block] = Rerouting(getattr(experts, PARAMETERS["expert_down"]).shape[0], dtype,
+                                           layer.weight.device)
+            experts.__dict__["_surgeon_rerouting"] = found[layer.block]
+            modules.append(experts)
+    try:
+        yield found
+    finally:
+        for experts in modules:
+            experts.__dict__.pop("_surgeon_rerouting", None)

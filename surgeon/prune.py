@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import distributed, models
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .config import LAYERWISE_METHODS, PROJECT_ROOT
+from .moe import measure_rerouting
 from .curvature import estimate_curvature
 from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import Split, select_nm, select_structured, select_unstructured
@@ -92,6 +93,9 @@ class ShotOptions:
     accumulate: str = _setting("curvature.accumulate", protocol=True, default="float32")
     min_tokens: int = _setting("moe.min_tokens", protocol=True)
     whole_experts: bool = _setting("moe.whole_experts", protocol=True, default=False)
+    # what a whole expert costs: "reroute" (measured, its tokens sent to their next choice) or "zero" (KFAC cost
+    # of its output set to zero); in the protocol only with whole_experts (protocol())
+    whole_cost: str = _setting("moe.whole_cost", default="reroute")
 
     @classmethod
     def from_config(cls, cfg) -> "ShotOptions":
@@ -106,7 +110,16 @@ class ShotOptions:
 
     def protocol(self) -> dict:
         """The shot settings a record's protocol carries (records.protocol adds the rest)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["protocol"]}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["protocol"]}
+        if self.whole_experts and self.structure == "structured":
+            out["whole_cost"] = self.whole_cost
+        return out
+
+    @property
+    def measures_rerouting(self) -> bool:
+        """Whole experts cost what re-routing their tokens measurably costs: needs a pass with gradients (KFAC)."""
+        return (self.whole_experts and self.structure == "structured" and self.whole_cost == "reroute"
+                and self.kind == "kfac")
 
 
 @dataclass
@@ -246,10 +259,15 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
     shot = _Shot(model, layers, devices, state, target, owner,
                  [layer for layer in layers if owner[layer.name] == rank], measured)
     t0 = time.perf_counter()
-    factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=opts.rank,
-                                 kind=opts.kind, rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
-                                 precision=opts.precision, offload=opts.offload, accumulate=opts.accumulate,
-                                 sum_=distributed.sum_ if distributed.active() else None)
+    with measure_rerouting(layers if opts.measures_rerouting else [], torch.float64) as rerouting:
+        factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=opts.rank,
+                                     kind=opts.kind, rank2_iters=opts.rank2_iters, seed=seed, progress=progress,
+                                     precision=opts.precision, offload=opts.offload, accumulate=opts.accumulate,
+                                     sum_=distributed.sum_ if distributed.active() else None)
+    for r in rerouting.values():  # every rank the same costs: the sums over all processes' batches
+        for tensor in (r.zero, r.reroute, r.tokens) if distributed.active() else ():
+            tensor.copy_(distributed.sum_(tensor))
+    shot.rerouting = {block: r.costs() for block, r in rerouting.items()}
     # a routed expert that fewer than moe.min_tokens calibration tokens reached keeps its weights this shot
     routed = {name: f.tokens for name, f in factors.items() if f.tokens is not None}
     shot.idle = {name for name, n in routed.items() if n < opts.min_tokens}
@@ -270,8 +288,9 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
 
         mask_routers(layers, state.removed)
     experts = {name.rsplit(".", 1)[0]: n for name, n in routed.items() if name.endswith(".gate_up")}
+    costs = _expert_costs(layers, shot)
     return seconds, {key: value for key, value in (("solves", info.pop("solves")), ("beta", info.pop("beta")),
-                                                   ("expert_tokens", experts)) if value} | info
+                                                   ("expert_tokens", experts), ("expert_costs", costs)) if value} | info
 
 
 @dataclass
@@ -287,6 +306,9 @@ class _Shot:
     mine: list[PrunableLayer]  # the layers this process solves
     measured: bool             # the division comes from the previous shot's seconds
     idle: set = field(default_factory=set)  # routed experts without enough tokens: untouched this shot
+    # moe.whole_cost=reroute: per MoE block, (E,) measured costs of each expert re-routed and zeroed (moe.Rerouting)
+    rerouting: dict = field(default_factory=dict)
+    kfac_costs: dict = field(default_factory=dict)  # per MoE block, (E,) the KFAC cost of each whole expert
 
     def solve(self, factors: dict, opts: ShotOptions, *, keep: bool,
               progress: bool = False) -> tuple[dict[str, float], dict]:
@@ -350,7 +372,7 @@ class _Shot:
             costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
             row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in units}
             col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in units}
-            groups = _whole_experts(layers, costs, state) if whole else None
+            groups = _whole_experts(layers, costs, state, self) if whole else None
             chosen = select_structured(row_costs, col_costs, {n: state.rows[n] for n in row_costs},
                                        {n: state.cols[n] for n in col_costs}, self.target, uniform=uniform,
                                        whole=groups)
@@ -434,9 +456,11 @@ class _Shot:
         return seconds, {"solves": solves, "beta": beta} | own
 
 
-def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState) -> dict:
-    """moe.whole_experts: per MoE block a selection.Whole over its routed experts (an expert's cost: the sum of its
-    layers' `zero` costs, removed from `costs`; its size: their weights), the `layers` of each expert kept on it.
+def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState, shot: "_Shot") -> dict:
+    """moe.whole_experts: per MoE block a selection.Whole over its routed experts (an expert's cost: with
+    moe.whole_cost=reroute the measured cost of re-routing its tokens (`shot.rerouting`), else the sum of its
+    layers' `zero` costs; those are removed from `costs` and kept in `shot.kfac_costs`; an expert with too few
+    tokens costs inf; its size: its weights), the `layers` of each expert kept on it.
     The top_k most costly experts left in a block are no candidates: a block keeps at least the experts its
     router chooses per token."""
     from .selection import Whole
@@ -448,7 +472,10 @@ def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState) 
     groups = {}
     for block, experts in per_block.items():
         members = [experts[e] for e in sorted(experts)]
-        cost = torch.stack([sum(costs.pop((l.name, "zero")).double().sum() for l in ls) for ls in members])
+        cost = torch.stack([sum(costs.pop((l.name, "zero")).double().sum() for l in ls) for ls in members]).cpu()
+        shot.kfac_costs[block] = cost
+        if block in shot.rerouting:
+            cost = torch.where(cost.isinf(), cost, shot.rerouting[block][0].cpu())
         size = torch.tensor([sum(l.weight.numel() for l in ls) for ls in members])
         removed = torch.tensor([all(bool(state.removed[l.name].all()) for l in ls) for ls in members])
         top_k = members[0][0].module.experts.__dict__["_surgeon_router"].top_k
@@ -456,10 +483,24 @@ def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState) 
         cheap = alive[torch.sort(cost[alive].cpu(), stable=True).indices[:max(0, len(alive) - top_k)]]
         candidate = torch.zeros(len(members), dtype=torch.bool)
         candidate[cheap] = True
-        whole = Whole(cost.cpu(), size, removed, candidate)
+        parts = torch.tensor([min(l.in_features for l in ls) for ls in members])  # hidden units: down's inputs
+        whole = Whole(cost.cpu(), size, removed, candidate, parts)
         whole.layers = members
         groups[block] = whole
     return groups
+
+
+def _expert_costs(layers: list[PrunableLayer], shot: "_Shot") -> dict:
+    """The record's per-shot whole-expert costs (moe.whole_experts): per experts module, the KFAC cost of each
+    expert and, where measured, its re-routed and zeroed costs (moe.Rerouting)."""
+    names = {layer.block: layer.name.rsplit(".", 2)[0] for layer in layers if layer.expert == 0}
+    out = {}
+    for block, kfac in shot.kfac_costs.items():
+        entry = {"kfac": [float(c) for c in kfac]}
+        if block in shot.rerouting:
+            entry["reroute"], entry["zero"] = ([float(c) for c in t.cpu()] for t in shot.rerouting[block])
+        out[names[block]] = entry
+    return out
 
 
 def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch.Tensor, center: float, *,

@@ -103,6 +103,7 @@ def upgrade(record: dict) -> dict:
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
         if isinstance(record["config"]["moe"], dict):  # before moe.whole_experts
             record["config"]["moe"].setdefault("whole_experts", False)
+            record["config"]["moe"].setdefault("whole_cost", "zero")  # before moe.whole_cost: KFAC zero costs
         # before quantize.*: nothing was quantized (bits null; the other keys as they were when they came)
         record["config"].setdefault("quantize", {"bits": None, "group_size": 128, "symmetric": True,
                                                  "method": "gptq", "damping": 0.01, "blocksize": 128,
@@ -118,6 +119,8 @@ def upgrade(record: dict) -> dict:
         p.setdefault("accumulate", "float32")  # before curvature.accumulate, statistics were summed in float32
         p.setdefault("min_tokens", 1)  # before moe.min_tokens: no family had routed experts
         p.setdefault("whole_experts", False)  # before moe.whole_experts: experts lost units, never whole
+        if p.get("whole_experts") and p.get("structure") == "structured":
+            p.setdefault("whole_cost", "zero")  # before moe.whole_cost: whole experts cost their KFAC zero cost
         p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)

@@ -180,12 +180,16 @@ def select_nm(costs: dict[str, Tensor], removed: dict[str, Tensor], target: floa
 @dataclass
 class Whole:
     """Units removed whole or not at all (moe.whole_experts: a block's routed experts): per unit its cost, its
-    weights, whether it is already removed (forced, cost -inf) and whether it may be removed at all."""
+    weights, whether it is already removed (forced, cost -inf) and whether it may be removed at all. `parts`: how
+    many candidates of the rows' and columns' granularity a unit stands for (an expert: its hidden units); it
+    enters the merged order at its cost per part, so the threshold removes it when its hidden units, removed
+    together, cost on average what the threshold's last row or column costs (None: at its whole cost)."""
 
     costs: Tensor      # (k,)
     sizes: Tensor      # (k,) int
     removed: Tensor    # (k,) bool
     candidate: Tensor  # (k,) bool; removed units stay removed whatever this says
+    parts: Tensor | None = None  # (k,) > 0
 
 
 def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget: int,
@@ -215,7 +219,8 @@ def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget:
     for name, w in whole.items():  # one list per group: its units by cost, each adding its own size
         removed = w.removed.to(device)
         live = (w.candidate.to(device) | removed).nonzero().squeeze(1)
-        key = w.costs.to(device, dtype).masked_fill(removed, -math.inf)[live]
+        key = w.costs.to(device, dtype) if w.parts is None else w.costs.to(device, dtype) / w.parts.to(device, dtype)
+        key = key.masked_fill(removed, -math.inf)[live]
         key, order = torch.sort(key, stable=True)
         keys.append(key)
         deltas.append(w.sizes.to(device)[live][order].to(torch.int64))

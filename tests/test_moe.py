@@ -376,6 +376,73 @@ def test_whole_expert_cost_is_the_quadratic_of_removing_every_weight():
     assert obs.zero_cost().item() == pytest.approx(0.5 * (w @ F @ w).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_rerouting_cost_equals_the_fisher_term_of_the_rerouted_output(model_type):
+    """moe.Rerouting, measured in the curvature pass (two batches; one expert already removed, its router row
+    masked) equals by brute force, per expert e left: 1/2 (1/N) sum_t (g_t . delta_t)^2 with g_t the gradient of
+    the summed sequence losses at the block's routed output and delta_t the change of that output when the router
+    also masks e (the stock experts forward on the re-routed choices), and with e's output zeroed instead. Covers
+    renormalised (Mixtral, Qwen3-MoE) and plain top-k weights (Qwen2-MoE, OLMoE: every token's weights change)."""
+    from surgeon.curvature import _next_token_loss
+    from surgeon.moe import masked_route, measure_rerouting
+
+    model = tiny(model_type, experts=6)
+    layers = adapter_for(model_type).layers(model)
+    mlp = model.model.layers[0].mlp
+    router, experts = mlp.gate, mlp.experts
+    removed = torch.tensor([False, False, False, True, False, False])
+    with torch.no_grad():
+        experts.gate_up_proj[3] = 0
+        experts.down_proj[3] = 0
+    router.__dict__["forward"] = masked_route.__get__(router)
+    router.__dict__["_surgeon_removed"] = removed
+    batches = [ids(6, 1), ids(5, 2)]
+
+    seen = []
+    def keep(module, inputs, out):
+        if torch.is_grad_enabled():  # the loss's forward, not the re-routed ones below
+            out.retain_grad()
+            seen.append((inputs[0].detach(), out))
+
+    handle = experts.register_forward_hook(keep)
+    want_reroute, want_zero, N = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), 0
+    for batch in batches:
+        seen.clear()
+        embeds = model.get_input_embeddings()(batch).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, use_cache=False).logits
+        _next_token_loss(logits, batch[:, 1:]).backward()
+        (h, out), = seen
+        g = out.grad
+        N += h.shape[0]
+        with torch.no_grad():
+            _, top, index = masked_route(router, h)
+            for e in (~removed).nonzero().squeeze(1).tolist():
+                router.__dict__["_surgeon_removed"] = removed | (torch.arange(6) == e)
+                _, top2, index2 = masked_route(router, h)
+                router.__dict__["_surgeon_removed"] = removed
+                delta = experts(h, index2, top2) - out
+                want_reroute[e] += ((g * delta).sum(dim=1) ** 2).sum()
+                saved = experts.down_proj[e].clone()
+                experts.down_proj[e] = 0
+                delta = experts(h, index, top) - out
+                experts.down_proj[e] = saved
+                want_zero[e] += ((g * delta).sum(dim=1) ** 2).sum()
+    handle.remove()
+    model.zero_grad(set_to_none=True)
+
+    with measure_rerouting(layers, torch.float64) as found:
+        estimate_curvature(model, layers, batches)
+    assert "_surgeon_rerouting" not in experts.__dict__  # the measurement ends with the pass
+    reroute, zero = found[0].costs()
+    assert found[0].tokens.item() == N
+    # the routers compute their probabilities in float32 even in a float64 model: the re-routed weights
+    # (renormalised here, recomputed by the router there) agree to float32 rounding (a wrong weight is off by O(1))
+    torch.testing.assert_close(reroute, 0.5 * want_reroute / N, rtol=1e-6, atol=1e-15)
+    torch.testing.assert_close(zero, 0.5 * want_zero / N, rtol=1e-6, atol=1e-15)  # Mixtral keeps float32 weights
+    assert reroute[3] == 0 and zero[3] == 0 and (reroute[~removed] > 0).all()
+    assert not torch.allclose(reroute, zero)
+
+
 def _prefix_by_hand(rows, cols, whole, budget):
     """The largest prefix of all candidates by cost (rows and columns per layer, whole units per group), in a
     plain loop: each row adds its unremoved columns' weights, each column its unremoved rows', each unit its size."""
