@@ -21,7 +21,10 @@ for method in surgeon kobd magnitude; do
 done
 # whole experts (their router rows masked) against expert units, on the same model, compacted: results/moe-tiny-whole.jsonl
 WHOLE=("${COMMON[@]/results=results\/moe-tiny.jsonl/results=results/moe-tiny-whole.jsonl}")
+# (whole experts cost their measured re-routing, moe.whole_cost=reroute, or the KFAC cost of a zeroed output)
 for method in surgeon kobd magnitude; do
   python run.py "${WHOLE[@]}" method=$method structure=structured target=0.2 shots=2 compact=true
   python run.py "${WHOLE[@]}" method=$method structure=structured target=0.2 shots=2 compact=true moe.whole_experts=true
+  [[ $method == magnitude ]] || python run.py "${WHOLE[@]}" method=$method structure=structured target=0.2 shots=2 \
+      compact=true moe.whole_experts=true moe.whole_cost=zero
 done

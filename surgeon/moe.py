@@ -157,7 +157,7 @@ class Rerouting:
     renormalises as the family does (masked_route), so the block's routed output changes by delta_t at every
     token it reaches, and the cost is the empirical Fisher's second-order term of that change,
     1/2 (1/N) sum_t (g_t . delta_t)^2 over the N calibration tokens, g_t the loss gradient at the block's routed
-    output (docs/algorithm.md section 9). `zero` holds the same sum for the expert's output set to zero (what the
+    output (docs/moe.md, "Whole experts"). `zero` holds the same sum for the expert's output set to zero (what the
     KFAC cost of its layers models). Both come from scalars: with s_tj = g_t . y_tj for the outputs y of a token's
     top-k experts and of its next choice (one extra expert per token, computed here without gradient),
     g_t . delta_t is a weighted sum of the s_tj; no output change is stored."""

@@ -111,8 +111,8 @@ class ShotOptions:
     def protocol(self) -> dict:
         """The shot settings a record's protocol carries (records.protocol adds the rest)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["protocol"]}
-        if self.whole_experts and self.structure == "structured":
-            out["whole_cost"] = self.whole_cost
+        if self.whole_experts and self.structure == "structured":  # what was used: no gradient pass, no measurement
+            out["whole_cost"] = self.whole_cost if self.kind == "kfac" else "zero"
         return out
 
     @property

@@ -194,8 +194,9 @@ class Whole:
 
 def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget: int,
                        whole: dict[str, Whole] | None = None):
-    """Largest prefix of the merged per-layer sorted row/column lists (and `whole` units, each adding its size)
-    removing <= budget weights; returns rows, cols (and with `whole` the chosen units per group)."""
+    """Largest prefix of the merged per-layer sorted row/column lists (and `whole` units, each adding its size,
+    passed over where it does not fit) removing <= budget weights; returns rows, cols (and with `whole` the
+    chosen units per group)."""
     whole = whole or {}
     device = next(iter([*row_costs.values(), *(w.costs for w in whole.values())])).device
     dtype = _common_dtype([*row_costs.values(), *col_costs.values(), *(w.costs for w in whole.values())])
@@ -229,11 +230,29 @@ def _structured_prefix(row_costs, col_costs, removed_rows, removed_cols, budget:
         offset += len(w.costs)
         n_forced += int(removed.sum())
     order = torch.sort(torch.cat(keys), stable=True).indices
-    cumulative = torch.cat(deltas)[order].cumsum(0)
+    added = torch.cat(deltas)[order]
+    cumulative = added.cumsum(0)
     # Each item adds >= 0 weights, so the cumulative count is sorted and the prefix is a search.
     length = max(n_forced, int(torch.searchsorted(cumulative, torch.tensor([budget], device=device), right=True)))
+    take = torch.zeros(len(order), dtype=torch.bool, device=device)
+    take[:length] = True
+    if whole:
+        # A unit that does not fit the budget left is passed over and the order goes on (a unit is far larger
+        # than a row, so stopping there would leave up to a unit's weights of the target unremoved); the first
+        # row or column that does not fit ends it, as without units (rows and columns are never passed over:
+        # each one's count assumes the cheaper ones of its layer were taken).
+        is_unit = torch.cat([torch.full((len(k),), i >= len(row_costs), dtype=torch.bool, device=device)
+                             for i, k in enumerate(keys)])[order]
+        total = int(cumulative[length - 1]) if length else 0
+        p = length
+        while p < len(order) and is_unit[p]:
+            cum = total + added[p + 1:].cumsum(0)
+            n = int(torch.searchsorted(cum, torch.tensor([budget], device=device), right=True))
+            take[p + 1:p + 1 + n] = True
+            total = int(cum[n - 1]) if n else total
+            p += 1 + n
     chosen = torch.zeros(offset, dtype=torch.bool, device=device)
-    chosen[torch.cat(ids)[order[:length]]] = True
+    chosen[torch.cat(ids)[order[take]]] = True
     rows, cols, units = {}, {}, {}
     parts = chosen.split(sizes)
     for name, part in zip(row_costs, parts):

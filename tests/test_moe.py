@@ -451,7 +451,8 @@ def _prefix_by_hand(rows, cols, whole, budget):
         items += [(c, 0, name, "row", i) for i, c in enumerate(rows[name].tolist())]
         items += [(c, 0, name, "col", j) for j, c in enumerate(cols[name].tolist())]
     for name, w in whole.items():
-        items += [(c, 1, name, "unit", k) for k, c in enumerate(w.costs.tolist()) if w.candidate[k]]
+        per = w.costs if w.parts is None else w.costs / w.parts  # a unit at its cost per part
+        items += [(c, 1, name, "unit", k) for k, c in enumerate(per.tolist()) if w.candidate[k]]
     items.sort(key=lambda t: t[0])
     taken = {(n, kind): set() for n in rows for kind in ("row", "col")} | {(n, "unit"): set() for n in whole}
     total = 0
@@ -463,6 +464,8 @@ def _prefix_by_hand(rows, cols, whole, budget):
             other = len(taken[name, "col" if kind == "row" else "row"])
             add = (C if kind == "row" else R) - other
         if total + add > budget:
+            if kind == "unit":  # a unit that does not fit is passed over; a row or column ends the order
+                continue
             break
         total += add
         taken[name, kind].add(i)
@@ -477,17 +480,31 @@ def test_whole_units_join_the_global_threshold_as_a_prefix_by_cost():
     g = torch.Generator().manual_seed(5)
     rows = {"a": torch.rand(6, generator=g, dtype=torch.float64), "b": torch.rand(4, generator=g, dtype=torch.float64)}
     cols = {"a": torch.rand(5, generator=g, dtype=torch.float64), "b": torch.rand(3, generator=g, dtype=torch.float64)}
-    whole = {"e": Whole(torch.rand(5, generator=g, dtype=torch.float64), torch.tensor([9, 9, 9, 9, 9]),
+    whole = {"e": Whole(torch.rand(5, generator=g, dtype=torch.float64), torch.tensor([9, 14, 9, 20, 9]),
                         torch.zeros(5, dtype=torch.bool), torch.tensor([True, True, False, True, True]))}
     no = lambda d: {k: torch.zeros(len(v), dtype=torch.bool) for k, v in d.items()}  # noqa: E731
-    total = 6 * 5 + 4 * 3 + 45
-    for target in (0.1, 0.3, 0.5, 0.8):
-        r, c, u = select_structured(rows, cols, no(rows), no(cols), target, whole=whole)
-        want = _prefix_by_hand(rows, cols, whole, int(target * total + 1e-9))
-        for name in rows:
-            assert set(r[name].nonzero().squeeze(1).tolist()) == want[name, "row"]
-            assert set(c[name].nonzero().squeeze(1).tolist()) == want[name, "col"]
-        assert set(u["e"].nonzero().squeeze(1).tolist()) == want["e", "unit"] and not u["e"][2]
+    total = 6 * 5 + 4 * 3 + 61
+    targets = [t / 20 for t in range(1, 20)]
+    chosen, passed_over = [], 0
+    for parts in (None, torch.tensor([3, 3, 3, 3, 3])):  # at its whole cost, or per part (an expert's units)
+        whole["e"].parts = parts
+        whole["e"].costs = whole["e"].costs if parts is None else whole["e"].costs * 3  # same order per part
+        for target in targets:
+            r, c, u = select_structured(rows, cols, no(rows), no(cols), target, whole=whole)
+            want = _prefix_by_hand(rows, cols, whole, int(target * total + 1e-9))
+            for name in rows:
+                assert set(r[name].nonzero().squeeze(1).tolist()) == want[name, "row"]
+                assert set(c[name].nonzero().squeeze(1).tolist()) == want[name, "col"]
+            assert set(u["e"].nonzero().squeeze(1).tolist()) == want["e", "unit"] and not u["e"][2]
+            chosen.append(u["e"].clone())
+            # a unit passed over: one cheaper than the dearest row or column taken is left
+            dearest = max([rows[n][r[n]].max().item() for n in rows if r[n].any()]
+                          + [cols[n][c[n]].max().item() for n in cols if c[n].any()], default=-1)
+            per = whole["e"].costs / (1 if parts is None else parts)
+            passed_over += int(((per < dearest) & ~u["e"] & whole["e"].candidate).any())
+    assert passed_over > 0  # the case is exercised
+    n = len(targets)
+    assert all(torch.equal(a, b) for a, b in zip(chosen[:n], chosen[n:]))  # 3x the cost over 3 parts: the same
 
 
 def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypatch):
@@ -505,7 +522,10 @@ def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypa
     args = [*_saved_tiny(tmp_path, "mixtral"), "eval.max_windows=4", "shots=2",
             "structure=structured", "target=0.6", "moe.whole_experts=true", f"results={tmp_path}/records.jsonl"]
     full = runner.run(compose([*args, "compact=true", "save_model=true"]), tmp_path / "full")
-    assert full["protocol"]["whole_experts"] is True
+    assert full["protocol"]["whole_experts"] is True and full["protocol"]["whole_cost"] == "reroute"
+    costs = full["points"][0]["expert_costs"]  # per experts module: KFAC, re-routed and zeroed cost per expert
+    assert len(costs) == 2 and all(len(v[k]) == 4 for v in costs.values() for k in ("kfac", "reroute", "zero"))
+    assert all(0 < r < float("inf") for v in costs.values() for r in v["reroute"])
     c = full["compact"]
     assert c["experts"]["kept"] < c["experts"]["total"] == 8
     assert c["ppl"] == pytest.approx(full["points"][-1]["ppl"], rel=1e-5)
