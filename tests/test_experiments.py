@@ -448,6 +448,7 @@ GENERATED_BLOCKS = [  # (record files, report folder, block name, page): every g
     (("smollm2",), "smollm2", "smollm2", "docs/real-model.md"),
     (("smollm2-diag",), "smollm2-damping", "smollm2-damping", "docs/real-model.md"),
     (("moe-tiny",), "moe-tiny", "moe-tiny", "docs/moe.md"),
+    (("moe-tiny-whole",), "moe-tiny-whole", "moe-tiny-whole", "docs/moe.md"),
     (("smollm2-diag", "smollm2-auto"), "smollm2-auto", "smollm2-auto", "docs/real-model.md"),
     (("quantize-testbed",), "quantize-testbed", "quantize-testbed", "docs/quantization.md"),
     (("quantize-smollm2",), "quantize-smollm2", "quantize-smollm2", "docs/quantization.md"),
