@@ -159,8 +159,8 @@ class Rerouting:
     1/2 (1/N) sum_t (g_t . delta_t)^2 over the N calibration tokens, g_t the loss gradient at the block's routed
     output (docs/moe.md, "Whole experts"). `zero` holds the same sum for the expert's output set to zero (what the
     KFAC cost of its layers models). Both come from scalars: with s_tj = g_t . y_tj for the outputs y of a token's
-    top-k experts and of its next choice (one extra expert per token, computed here without gradient),
-    g_t . delta_t is a weighted sum of the s_tj; no output change is stored."""
+    top-k experts and of its next choice (one extra expert per token, computed in the backward hook without
+    gradient), g_t . delta_t is a weighted sum of the s_tj; no output change is stored."""
 
     def __init__(self, experts: int, dtype: torch.dtype, device):
         self.zero = torch.zeros(experts, dtype=torch.float64, device=device)
@@ -195,16 +195,10 @@ class Rerouting:
                 rest = rest.masked_fill(removed, -1.0)
             nxt = rest.argmax(dim=1)
             p_next = p.gather(1, nxt[:, None]).squeeze(1)
-            y_next = torch.zeros(h.shape[0], h.shape[1], dtype=dt, device=h.device)
-            gate_up, down = linears["expert_gate_up"], linears["expert_down"]
-            for e in nxt.unique().tolist():
-                tok = (nxt == e).nonzero().squeeze(1)
-                # the weights, not the modules: the curvature hooks must not see this extra forward
-                gate, up = F.linear(h[tok], gate_up[e].weight).chunk(2, dim=-1)
-                y_next[tok] = F.linear(experts.act_fn(gate) * up, down[e].weight).to(dt)
         norm = getattr(router, "norm_topk_prob", None)
         normalised = norm is None or bool(norm)  # as masked_route: Mixtral always renormalises
 
+        @torch.no_grad()
         def hook(grad: Tensor) -> None:
             g = grad.detach().reshape(h.shape).to(dt)
             s = torch.zeros(index.shape, dtype=dt, device=h.device)  # s[t, q] = g_t . y of its q-th expert
@@ -217,7 +211,15 @@ class Rerouting:
             self.tokens += h.shape[0]
             if nxt is None:
                 return
-            s_next = (g * y_next).sum(dim=-1)
+            # g . (output of the next choice), computed here so that no (T, H) output waits for the backward
+            s_next = torch.zeros(h.shape[0], dtype=dt, device=h.device)
+            gate_up, down = linears["expert_gate_up"], linears["expert_down"]
+            for e in nxt.unique().tolist():
+                tok = (nxt == e).nonzero().squeeze(1)
+                # the weights, not the modules: the curvature hooks must not see this extra forward
+                gate, up = F.linear(h[tok], gate_up[e].weight).chunk(2, dim=-1)
+                y = F.linear(experts.act_fn(gate) * up, down[e].weight)
+                s_next[tok] = (g[tok] * y.to(dt)).sum(dim=-1)
             raw_sum = (p_top * s).sum(dim=1)
             for q in range(k):  # the expert at position q removed: its share goes to the next choice
                 kept = raw_sum - p_top[:, q] * s[:, q] + p_next * s_next

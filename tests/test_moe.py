@@ -602,3 +602,22 @@ def test_whole_experts_removed_compact_to_the_stock_class(model_type, tmp_path):
                                                      experts_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids()).logits, before, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_whole_experts_under_torchrun_match_one_process(tmp_path):
+    """Two processes (torchrun) on the tiny Mixtral with whole experts: the re-routing sums are added over the
+    ranks' batches, so the costs, the experts removed, the masks and the weights are those of one process."""
+    from test_distributed import ENV, _assert_same_run, _python, _torchrun
+
+    overrides = [*_saved_tiny(tmp_path, "mixtral"), "eval.max_windows=4", "shots=2", "structure=structured",
+                 "target=0.6", "moe.whole_experts=true", "calib.n=8", f"results={tmp_path}/records.jsonl"]
+    single = _python(tmp_path / "one", overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = _torchrun(tmp_path / "two", overrides)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = _assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    for a, b in zip(one["points"], two["points"]):
+        for module, costs in a["expert_costs"].items():
+            assert b["expert_costs"][module]["reroute"] == pytest.approx(costs["reroute"], rel=1e-9)
