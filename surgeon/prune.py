@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from . import distributed, models
 from .adapters import PrunableLayer, set_weight_with_bias, weight_with_bias
 from .config import LAYERWISE_METHODS, PROJECT_ROOT
-from .moe import measure_rerouting
 from .curvature import estimate_curvature
+from .moe import measure_rerouting
 from .obs import LayerOBD, LayerOBS, NotConverged
 from .selection import Split, select_nm, select_structured, select_unstructured
 
