@@ -85,6 +85,9 @@ class WandbLogger:
             metrics[f"layer_sparsity/{layer['name']}"] = sparsity
         for expert, tokens in (point.get("expert_tokens") or {}).items():  # routed experts' calibration tokens
             metrics[f"expert_tokens/{expert}"] = tokens
+        for module, costs in (point.get("expert_costs") or {}).items():  # moe.whole_experts: each expert's cost
+            for kind, values in costs.items():
+                metrics.update({f"expert_cost/{kind}/{module}.{e}": v for e, v in enumerate(values)})
         damping = point.get("damping")  # curvature.damping=auto: the chosen damping and what the search measured
         if damping:
             metrics.update({f"damping/{key}": damping[key] for key in

@@ -25,7 +25,11 @@ def opt_tiny_record(shots=3, target=0.5):
                        # curvature.damping=auto's account
                        "damping": {"before": 4.0, "chosen": 3.0, "damping_a": 0.03, "damping_g": 0.3,
                                    "heldout_loss": 4.1, "measured": 0.1, "predicted": 0.05, "ratio": 2.0,
-                                   "tried": [{"scale": 1.0}, {"scale": 3.0}, {"scale": 1 / 3}]}})
+                                   "tried": [{"scale": 1.0}, {"scale": 3.0}, {"scale": 1 / 3}]},
+                       # a MoE run's routed experts (moe.whole_experts: their costs)
+                       "expert_tokens": {"model.layers.0.mlp.experts.1": 700},
+                       "expert_costs": {"model.layers.0.mlp.experts": {"kfac": [2e-6, 3e-6], "reroute": [1e-7, 2e-7],
+                                                                       "zero": [3e-7, 4e-7]}}})
     for layer, sparsity in zip(layers, points[-1]["layer_sparsity"]):
         layer["sparsity"] = sparsity
     task = {"metric": "acc", "value": 0.41, "stderr": 0.01, "num_fewshot": 0, "version": 1}
@@ -81,7 +85,8 @@ def test_offline_run_holds_shots_and_allocation_table(tmp_path, monkeypatch):
         assert row[:4] == want[:4] and row[4] == pytest.approx(want[4])
     [wandb_file] = run_dir.glob("*.wandb")
     keys = (b"layer_sparsity/model.decoder.layers.3.fc2", b"seconds/curvature", b"peak_memory_mb", b"allocation_bar",
-            b"allocation_by_depth", b"damping/damping_g", b"damping/ratio", b"damping/tries")
+            b"allocation_by_depth", b"damping/damping_g", b"damping/ratio", b"damping/tries",
+            b"expert_tokens/model.layers.0.mlp.experts.1", b"expert_cost/reroute/model.layers.0.mlp.experts.1")
     deadline = time.monotonic() + 30
     while not all(k in wandb_file.read_bytes() for k in keys) and time.monotonic() < deadline:
         time.sleep(0.2)  # W&B's service writes the run file asynchronously, after finish() returns
