@@ -120,19 +120,28 @@ def _method_order(method: str):
 
 
 def _variant_fields(records: list[dict], fields) -> dict[str, list[str]]:
-    """Per method, the variant settings whose value differs between its records."""
+    """Per method, the variant settings whose value differs between its records; a setting that is a dict
+    (`auto_damping`) by the keys of it that differ (`auto_damping.heldout`)."""
     varying = {}
     for method in {r["protocol"]["method"] for r in records}:
         own = [r for r in records if r["protocol"]["method"] == method]
-        varying[method] = [f for f in fields if len({json.dumps(r["protocol"].get(f)) for r in own
-                                                     if f not in APPLIES or r["protocol"].get(f) is not None}) > 1]
+        varying[method] = []
+        for f in fields:
+            values = [r["protocol"].get(f) for r in own if f not in APPLIES or r["protocol"].get(f) is not None]
+            if len({json.dumps(v, sort_keys=True) for v in values}) < 2:
+                continue
+            if all(isinstance(v, dict) for v in values):
+                keys = dict.fromkeys(k for v in values for k in v)
+                varying[method] += [f"{f}.{k}" for k in keys if len({json.dumps(v.get(k)) for v in values}) > 1]
+            else:
+                varying[method].append(f)
     return varying
 
 
 def _method_key(record: dict, varying: dict[str, list[str]]) -> tuple:
     """(method, ((setting, value), ...)) for the settings that vary among the method's records."""
     method = record["protocol"]["method"]
-    return method, tuple((f, record["protocol"].get(f)) for f in varying[method])
+    return method, tuple((f, _get(record["protocol"], f.split("."))) for f in varying[method])
 
 
 def _row_label(method: str, variants: tuple) -> str:

@@ -481,3 +481,16 @@ def test_layerwise_records_from_before_curvature_kind_none_still_count(tmp_path)
     write_jsonl(tmp_path / "r.jsonl", [{"run_id": "old", "status": "complete", "protocol": protocol(cfg, "cpu"),
                                         "config": old, "final_ppl": 1.0}])
     assert find_complete(cfg, "cpu")["run_id"] == "old"
+
+
+def test_a_dict_setting_names_the_keys_that_tell_runs_apart():
+    """Runs that differ in one key of a dict-valued setting (curvature.auto_damping's heldout) get labels naming
+    that key (the table once failed on the unhashable dict)."""
+    from experiments.tables import run_labels
+
+    def record(run_id, heldout):
+        return {"run_id": run_id, "protocol": {"method": "kobd", "structure": "structured", "damping": "auto",
+                                               "auto_damping": {"heldout": heldout, "step": 3.0, "tries": 4}}}
+
+    labels = run_labels([record("a", 8), record("b", 32)])
+    assert labels == {"a": "K-OBD (auto_damping.heldout=8)", "b": "K-OBD (auto_damping.heldout=32)"}
