@@ -255,6 +255,9 @@ def _check_auto_damping(cfg: DictConfig) -> None:
     if isinstance(auto.tries, bool) or not isinstance(auto.tries, int) or auto.tries < 2:
         raise ConfigError(f"curvature.auto_damping.tries={auto.tries!r} must be an integer >= 2 (the current scale "
                           "and at least one other)")
+    _one_of("curvature.auto_damping.choose", auto.choose, ("lowest", "within_se"))
+    if not isinstance(auto.monotone, bool):
+        raise ConfigError(f"curvature.auto_damping.monotone={auto.monotone!r} must be true or false")
 
 
 def _check_quantize(cfg: DictConfig) -> None:

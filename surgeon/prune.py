@@ -82,6 +82,8 @@ class ShotOptions:
     heldout: int = _setting("curvature.auto_damping.heldout")
     step: float = _setting("curvature.auto_damping.step")
     tries: int = _setting("curvature.auto_damping.tries")
+    choose: str = _setting("curvature.auto_damping.choose", default="lowest")  # lowest | within_se
+    monotone: bool = _setting("curvature.auto_damping.monotone", default=False)  # after shot 1, no scale below the last
     fisher: str = _setting("curvature.fisher", protocol=True)
     undamped_numerators: bool = _setting("curvature.undamped_numerators")
     blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none
@@ -228,15 +230,17 @@ def _sync(devices: list[torch.device]) -> None:
 
 def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], state: PruneState,
                target: float, opts: ShotOptions, *, seed: int = 0, progress: bool = False,
-               heldout: torch.Tensor | None = None, scale: float = 1.0) -> tuple[dict[str, float], dict[str, dict]]:
+               heldout: torch.Tensor | None = None, scale: float = 1.0,
+               first: bool = True) -> tuple[dict[str, float], dict[str, dict]]:
     """Prune `model` in place to overall sparsity `target`; returns seconds per phase and what the record
     keeps of the layers' solvers: `solves` (per layer, how its joint element update was solved) and, at
     Kronecker rank 2, `beta` (per layer, the shrink factor of term 2); empty when there is none. Over several
     processes also `own_update_s`: this rank's update phase before it waits for the others' weights, and
     `balance`: what divided the layers over the processes ("R^3+C^3" in the first shot, then "previous shot":
     the seconds each layer's costs and update took in the shot before, kept in `state.work`).
-    With `opts.damping == "auto"`, `heldout` (windows apart from `batches`) and `scale` (the previous shot's
-    choice): the damping search of `search_damping`, whose account is `damping` in the result."""
+    With `opts.damping == "auto"`, `heldout` (windows apart from `batches`), `scale` (the previous shot's
+    choice) and `first` (no shot before this one): the damping search of `search_damping`, whose account is
+    `damping` in the result."""
     devices = models.devices(model)
     if opts.method in LAYERWISE_METHODS:  # SparseGPT, Wanda: block by block on their own statistics
         from .baselines import prune_layerwise
@@ -279,7 +283,7 @@ def prune_shot(model, layers: list[PrunableLayer], batches: list[torch.Tensor], 
         if heldout is None:
             raise ValueError("curvature.damping=auto needs the held-out windows (prune_shot(heldout=...))")
         more, info = search_damping(shot, factors, opts, heldout, scale, seq_len=batches[0].shape[1],
-                                    progress=progress)
+                                    progress=progress, first=first)
     else:
         more, info = shot.solve(factors, opts, keep=False, progress=progress)
     seconds.update(more)
@@ -504,20 +508,25 @@ def _expert_costs(layers: list[PrunableLayer], shot: "_Shot") -> dict:
 
 
 def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch.Tensor, center: float, *,
-                   seq_len: int, progress: bool = False) -> tuple[dict[str, float], dict]:
+                   seq_len: int, progress: bool = False, first: bool = True) -> tuple[dict[str, float], dict]:
     """curvature.damping=auto (docs/algorithm.md section 5): the shot solved under the dampings
     scale * (damping_a, damping_g) for scales center * step^k, k = 0, +1, -1, then further out on the side whose
-    end is best while tries remain; the weights and masks of the try with the lowest held-out loss are kept.
-    Every try starts from the weights and masks the shot started from. The account (`damping`): per try the
-    scale, dampings, held-out loss and its increase over the shot; the chosen scale, and for its step the
-    increase the quadratic model predicts (`predicted_increase`) and the measured / predicted ratio."""
+    end is best while tries remain (`monotone` after the first shot: k = 0, +1, +2, ... only); the weights and
+    masks of the try that `choose` picks are kept (`_choice`: the lowest held-out loss, or the largest scale
+    within one standard error of it). Every try starts from the weights and masks the shot started from. The
+    account (`damping`): per try the scale, dampings, held-out loss, its increase over the shot and its
+    standard error against the lowest; the chosen scale, and for its step the increase the quadratic model
+    predicts (`predicted_increase`) and the measured / predicted ratio."""
     t0 = time.perf_counter()
     start = _Snapshot.take(shot.layers, shot.state)
-    before = heldout_loss(shot.model, heldout)
+    before = heldout_losses(shot.model, heldout)
     seconds = {"costs": 0.0, "update": 0.0}
     tried: dict[int, dict] = {}
-    best = None
-    for k in _exponents(opts.tries, tried):
+    losses: dict[int, torch.Tensor] = {}  # per try, the held-out windows' losses
+    infos: dict[int, dict] = {}
+    kept = None  # (k, snapshot) of the try the rule picked among those so far, while more tries may follow
+    upward = opts.monotone and not first
+    for k in _exponents(opts.tries, tried, upward=upward):
         scale = center * opts.step**k
         if tried:
             start.restore(shot.layers, shot.state)
@@ -525,19 +534,32 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
         more, info = shot.solve(factors, try_opts, keep=True, progress=progress)
         for phase in seconds:
             seconds[phase] += more[phase]
-        loss = heldout_loss(shot.model, heldout)
+        losses[k] = heldout_losses(shot.model, heldout)
         tried[k] = {"scale": scale, "damping_a": try_opts.damping_a, "damping_g": try_opts.damping_g,
-                    "heldout_loss": loss, "measured": loss - before}
-        if best is None or loss < tried[best[0]]["heldout_loss"]:
-            best = (k, _Snapshot.take(shot.layers, shot.state) if len(tried) < opts.tries else None, info)
-    k, kept, info = best
-    if kept is not None and k != list(tried)[-1]:
-        kept.restore(shot.layers, shot.state)
+                    "heldout_loss": losses[k].mean().item(), "measured": (losses[k] - before).mean().item()}
+        infos[k] = info
+        if _choice(losses, opts.choose) == k and len(tried) < opts.tries:  # more tries may follow: keep a copy
+            kept = (k, _Snapshot.take(shot.layers, shot.state))
+    k = _choice(losses, opts.choose)
+    if k != list(tried)[-1]:  # the model holds the last try: the chosen one's copy, or (a rule that picked it
+        if kept is not None and kept[0] == k:  # only after later tries, as within_se can) solved once more
+            kept[1].restore(shot.layers, shot.state)
+        else:
+            start.restore(shot.layers, shot.state)
+            more, infos[k] = shot.solve(factors, replace(opts, damping_a=tried[k]["damping_a"],
+                                                         damping_g=tried[k]["damping_g"]), keep=True,
+                                        progress=progress)
+            for phase in seconds:
+                seconds[phase] += more[phase]
+    info = infos[k]
+    lowest = _choice(losses, "lowest")
+    for j in tried:
+        tried[j]["se"] = _paired_se(losses[j], losses[lowest])
     chosen = tried[k]
     predicted = predicted_increase(shot, factors, start, seq_len)  # of the chosen step only: it costs a costs phase
     factors.clear()
     seconds["damping"] = time.perf_counter() - t0 - seconds["costs"] - seconds["update"]
-    account = {"before": before, "chosen": chosen["scale"], "damping_a": chosen["damping_a"],
+    account = {"before": before.mean().item(), "chosen": chosen["scale"], "damping_a": chosen["damping_a"],
                "damping_g": chosen["damping_g"], "heldout_loss": chosen["heldout_loss"],
                "measured": chosen["measured"], "predicted": predicted,
                "ratio": chosen["measured"] / predicted if predicted > 0 else None,
@@ -545,16 +567,35 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
     return seconds, info | {"damping": account}
 
 
-def _exponents(tries: int, tried: dict):
+def _paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The standard error of the mean of the paired per-window differences a - b (0 for one window)."""
+    d = (a - b).double()
+    return (d.std(unbiased=True) / math.sqrt(d.numel())).item() if d.numel() > 1 else 0.0
+
+
+def _choice(losses: dict[int, torch.Tensor], choose: str) -> int:
+    """The exponent k the rule picks among the tries so far: `lowest`, the lowest mean held-out loss (ties: the
+    earlier try); `within_se`, the largest scale whose mean loss exceeds the lowest by at most one standard
+    error of the paired per-window differences (the one-standard-error rule of model selection: of the
+    candidates the held-out windows cannot tell apart, the most damped, the smallest step)."""
+    lowest = min(losses, key=lambda j: losses[j].mean().item())
+    if choose == "lowest":
+        return lowest
+    best = losses[lowest]
+    return max(j for j in losses if (losses[j] - best).mean().item() <= _paired_se(losses[j], best))
+
+
+def _exponents(tries: int, tried: dict, upward: bool = False):
     """The exponents k of the candidate scales center * step^k: 0, 1, -1, then one further out beyond the end
-    whose held-out loss is lowest, while that end is the best and tries remain (read from `tried` as it fills)."""
-    for k in (0, 1, -1)[:tries]:
+    whose held-out loss is lowest, while that end is the best and tries remain (read from `tried` as it fills).
+    `upward`: 0, 1, then 2, 3, ... while the largest is the best (the damping never falls below the centre)."""
+    for k in ((0, 1) if upward else (0, 1, -1))[:tries]:
         yield k
     while len(tried) < tries:
         best = min(tried, key=lambda j: tried[j]["heldout_loss"])
         if best == max(tried):
             yield best + 1
-        elif best == min(tried):
+        elif best == min(tried) and not upward:
             yield best - 1
         else:
             return
@@ -581,14 +622,19 @@ class _Snapshot:
             getattr(state, key).update({k: v.clone() for k, v in masks.items()})
 
 
-def heldout_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean over `windows` of the mean next-token cross-entropy (over several processes each takes a contiguous
-    share of the batches; every process gets the same value)."""
+def heldout_losses(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Per window of `windows`, the mean next-token cross-entropy, float64 on the host (over several processes
+    each takes a contiguous share of the batches; every process gets all of them, in window order)."""
     from .evaluate import window_losses
 
     mine = distributed.share(list(windows.split(batch_size)))
     losses = window_losses(model, torch.cat(mine), batch_size) if mine else torch.zeros(0, dtype=torch.float64)
-    return distributed.gather_losses(losses).mean().item()
+    return distributed.gather_losses(losses)
+
+
+def heldout_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean over `windows` of `heldout_losses`."""
+    return heldout_losses(model, windows, batch_size).mean().item()
 
 
 @torch.no_grad()

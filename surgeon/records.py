@@ -98,6 +98,9 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps
             record["config"]["curvature"].setdefault("damping", "fixed")  # before curvature.damping=auto
             record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
+            if isinstance(record["config"]["curvature"]["auto_damping"], dict):  # before choose and monotone
+                record["config"]["curvature"]["auto_damping"].setdefault("choose", "lowest")
+                record["config"]["curvature"]["auto_damping"].setdefault("monotone", False)
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
@@ -124,6 +127,9 @@ def upgrade(record: dict) -> dict:
         p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)
+        if isinstance(p.get("auto_damping"), dict):  # before auto_damping.choose and .monotone
+            p["auto_damping"].setdefault("choose", "lowest")
+            p["auto_damping"].setdefault("monotone", False)
         p.setdefault("quantize", None)  # before quantize.*: nothing was quantized
         if isinstance(p.get("quantize"), dict):  # before quantize.order: the natural order
             # (experiments.library_gptq's records: llmcompressor's default activation order, static groups)
@@ -278,7 +284,7 @@ def _auto_damping(cfg) -> dict | None:
 
     auto = cfg.curvature.auto_damping
     return {"heldout": auto.heldout, "heldout_seed": heldout_seed(cfg.calib.seed), "step": auto.step,
-            "tries": auto.tries}
+            "tries": auto.tries, "choose": auto.choose, "monotone": auto.monotone}
 
 
 def _calib_source(cfg) -> str:

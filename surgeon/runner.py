@@ -133,8 +133,9 @@ def summary_table(record: dict) -> str:
                      f"{sum(p['seconds'].values()):>8.1f}" + damping)
     c = record.get("compact")
     if c:
+        experts = f", {c['experts']['kept']} of {c['experts']['total']} routed experts kept" if c.get("experts") else ""
         lines.append(f"compacted: {c['params_before']} -> {c['params']} parameters "
-                     f"({c['params'] / c['params_before']:.3f}), ppl {c['ppl']:.3f}")
+                     f"({c['params'] / c['params_before']:.3f}{experts}), ppl {c['ppl']:.3f}")
     q = record.get("quantize")
     if q:
         export = f", saved {q['export']['format']} {q['export']['bytes'] / 1e6:.1f} MB" if q.get("export") else ""
@@ -368,7 +369,7 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     chosen = [p["damping"]["chosen"] for p in job.record["points"] if p.get("damping")]
     seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
                                       seed=cfg.seed + shot, progress=job.main, heldout=job.data.heldout,
-                                      scale=chosen[-1] if chosen else 1.0)
+                                      scale=chosen[-1] if chosen else 1.0, first=not chosen)
     own_update_s = solver_info.pop("own_update_s", None)
     point = {"shot": shot, "target": target, **solver_info}
     if cfg.lora.enabled:
@@ -495,10 +496,12 @@ def _compact(model, ppl, final_ppl: float | None, uniform: bool) -> dict:
     report["ppl"] = ppl()
     report["seconds"] = time.perf_counter() - t0
     if distributed.is_main():
-        log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads kept), perplexity %.4f "
+        experts = (f", {report['experts']['kept']} of {report['experts']['total']} routed experts"
+                   if "experts" in report else "")
+        log.info("compacted: %d -> %d parameters (%d of %d MLP units, %d of %d heads%s kept), perplexity %.4f "
                  "(zeroed %s)", report["params_before"], report["params"], report["mlp_units"]["kept"],
-                 report["mlp_units"]["total"], report["heads"]["kept"], report["heads"]["total"], report["ppl"],
-                 f"{final_ppl:.4f}" if final_ppl is not None else "-")
+                 report["mlp_units"]["total"], report["heads"]["kept"], report["heads"]["total"], experts,
+                 report["ppl"], f"{final_ppl:.4f}" if final_ppl is not None else "-")
     return report
 
 

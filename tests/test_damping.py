@@ -14,7 +14,9 @@ from surgeon import runner
 from surgeon.adapters import adapter_for, weight_with_bias
 from surgeon.config import ConfigError, validate
 from surgeon.curvature import estimate_curvature
-from surgeon.prune import PruneState, ShotOptions, _exponents, _Shot, _Snapshot, predicted_increase, prune_shot
+from surgeon import prune
+from surgeon.prune import (PruneState, ShotOptions, _choice, _exponents, _paired_se, _Shot, _Snapshot,
+                          predicted_increase, prune_shot)
 
 SMALL = ["calib.n=8", "calib.seq_len=64", "calib.batch_size=4", "eval.max_windows=4", "eval.seq_len=128",
          "curvature.auto_damping.heldout=4"]
@@ -64,6 +66,33 @@ def test_candidates_bracket_the_previous_scale_then_go_out_where_an_end_is_best(
     assert order({k: (k + 2) ** 2 for k in range(-5, 6)}, 6) == [0, 1, -1, -2, -3]
     assert order({k: abs(k) for k in range(-5, 6)}, 6) == [0, 1, -1]  # the centre is best
     assert order(valley, 2) == [0, 1]
+
+
+def test_monotone_candidates_only_go_up_from_the_previous_scale():
+    def order(losses: dict, tries: int):
+        tried = {}
+        for k in _exponents(tries, tried, upward=True):
+            tried[k] = {"heldout_loss": losses[k]}
+        return list(tried)
+
+    assert order({k: (k - 3) ** 2 for k in range(-5, 6)}, 9) == [0, 1, 2, 3, 4]
+    assert order({k: (k + 2) ** 2 for k in range(-5, 6)}, 9) == [0, 1]  # smaller would be better: not tried
+    assert order({k: (k - 3) ** 2 for k in range(-5, 6)}, 3) == [0, 1, 2]
+
+
+def test_the_within_se_rule_takes_the_most_damped_try_the_windows_cannot_tell_from_the_lowest():
+    """By hand: the paired standard error over windows, and which try each rule picks."""
+    t = torch.tensor
+    losses = {0: t([1.0, 1.0, 1.0, 1.0]), 1: t([1.1, 1.1, 1.1, 1.1]), -1: t([0.4, 1.5, 0.4, 1.5])}
+    d = losses[1] - losses[-1]  # 0.7, -0.4, 0.7, -0.4: mean 0.15, sample sd 0.635
+    assert _paired_se(losses[1], losses[-1]) == pytest.approx(d.std().item() / 2) == pytest.approx(0.31754, rel=1e-4)
+    assert _choice(losses, "lowest") == -1
+    assert _choice(losses, "within_se") == 1  # 0.15 <= 0.3175, and 1 is the largest scale
+    assert _choice({0: losses[0], 1: losses[1]}, "within_se") == 0  # 0.1 above, with no spread: told apart
+    losses[2] = t([0.9, 2.5, 0.9, 2.5])  # 0.5, 1.0, 0.5, 1.0 above -1: mean 0.75, standard error 0.144
+    assert _paired_se(losses[2], losses[-1]) == pytest.approx(0.14434, rel=1e-4)
+    assert _choice(losses, "within_se") == 1
+    assert _choice({5: t([2.0]), 6: t([2.0])}, "lowest") == 5  # ties: the earlier try
 
 
 @pytest.mark.parametrize("rank", [1, 2])
@@ -133,6 +162,49 @@ def test_the_search_keeps_its_best_try_exactly(overrides):
     assert runner.perplexity(model, heldout) == pytest.approx(runner.perplexity(fixed_model, heldout), rel=1e-6)
 
 
+def test_a_try_chosen_after_later_tries_is_solved_again_exactly(monkeypatch):
+    """within_se can pick a try that was not the pick when it was made (no copy kept): the search solves it
+    once more from the shot's start, and the model is that of a fixed-damping shot at its damping."""
+    batches, heldout = tiny_data()
+    t = torch.tensor
+    # before the shot, then tries k = 0, 1, -1, -2: k = 1 is told apart from k = 0, then within one standard
+    # error of k = -1, the lowest
+    fake = iter([t([5.0] * 4), t([1.0] * 4), t([1.1] * 4), t([0.4, 1.5, 0.4, 1.5]), t([2.0] * 4)])
+    base = dict(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-10, max_iter=2000,
+                accumulate="float64", tries=4)
+    model, layers = tiny_opt()
+    state = PruneState.empty(layers)
+    with monkeypatch.context() as m:
+        m.setattr(prune, "heldout_losses", lambda model, windows: next(fake))
+        seconds, info = prune_shot(model, layers, batches, state, 0.3,
+                                   ShotOptions(**base, damping="auto", choose="within_se"), seed=2, heldout=heldout)
+    account = info["damping"]
+    assert [t["scale"] for t in account["tried"]] == pytest.approx([1.0, 3.0, 1 / 3, 1 / 9])
+    assert account["chosen"] == pytest.approx(3.0) and account["heldout_loss"] == pytest.approx(1.1)
+    assert [t["se"] for t in account["tried"]] == pytest.approx([0.31754, 0.31754, 0.0, 0.31754], rel=1e-4)
+    fixed_model, fixed_layers = tiny_opt()
+    fixed_state = PruneState.empty(fixed_layers)
+    prune_shot(fixed_model, fixed_layers, batches, fixed_state, 0.3,
+               ShotOptions(**base | dict(damping_a=account["damping_a"], damping_g=account["damping_g"])), seed=2)
+    for a, b in zip(layers, fixed_layers):
+        assert torch.allclose(weight_with_bias(a.module), weight_with_bias(b.module), rtol=0, atol=1e-6), a.name
+        assert torch.equal(state.removed[a.name], fixed_state.removed[b.name])
+
+
+def test_a_monotone_search_after_the_first_shot_tries_no_smaller_scale():
+    batches, heldout = tiny_data()
+    model, layers = tiny_opt()
+    state = PruneState.empty(layers)
+    opts = ShotOptions(structure="structured", damping_a=0.01, damping_g=0.01, accumulate="float64", tries=4,
+                       damping="auto", monotone=True)
+    _, first = prune_shot(model, layers, batches, state, 0.2, opts, seed=1, heldout=heldout, scale=1.0, first=True)
+    assert [t["scale"] for t in first["damping"]["tried"][:3]] == pytest.approx([1.0, 3.0, 1 / 3])
+    _, later = prune_shot(model, layers, batches, state, 0.4, opts, seed=2, heldout=heldout, scale=3.0, first=False)
+    scales = [t["scale"] for t in later["damping"]["tried"]]
+    assert scales[:2] == pytest.approx([3.0, 9.0]) and min(scales) == pytest.approx(3.0)
+    assert later["damping"]["chosen"] >= 3.0
+
+
 def _auto_shots():
     model, layers = tiny_opt()
     batches, heldout = tiny_data()
@@ -178,7 +250,8 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
             f"results={tmp_path}/records.jsonl"]
     full = runner.run(compose(args), tmp_path / "full")
     assert full["protocol"]["damping"] == "auto"
-    assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4}
+    assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4,
+                                                "choose": "lowest", "monotone": False}
     chosen = [p["damping"]["chosen"] for p in full["points"]]
     for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
         assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
@@ -212,6 +285,8 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     (["curvature.auto_damping.tries=1"], "tries=1 must be an integer >= 2"),
     (["curvature.auto_damping.heldout=0"], "heldout=0 must be a positive integer"),
     (["curvature.damping=lm"], "curvature.damping"),
+    (["curvature.auto_damping.choose=median"], "curvature.auto_damping.choose"),
+    (["curvature.auto_damping.monotone=sometimes"], "monotone='sometimes' must be true or false"),
 ])
 def test_bad_auto_damping_settings_are_refused_up_front(override, message):
     damping = [] if override == ["curvature.damping=lm"] else ["curvature.damping=auto"]
@@ -228,3 +303,9 @@ def test_records_before_auto_damping_read_as_fixed():
     fresh = compose([])
     assert new["config"]["curvature"]["auto_damping"] == dict(fresh.curvature.auto_damping)
     assert new["protocol"]["auto_damping"] is None
+    before = upgrade({"protocol": {"damping": "auto", "auto_damping": {"heldout": 8, "heldout_seed": 101, "step": 3.0,
+                                                                      "tries": 4}},
+                      "config": {"curvature": {"damping": "auto", "auto_damping": {"heldout": 8, "step": 3.0,
+                                                                                   "tries": 4}}}})
+    assert before["protocol"]["auto_damping"]["choose"] == "lowest" and not before["protocol"]["auto_damping"]["monotone"]
+    assert before["config"]["curvature"]["auto_damping"] == dict(fresh.curvature.auto_damping)

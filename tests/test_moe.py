@@ -507,7 +507,7 @@ def test_whole_units_join_the_global_threshold_as_a_prefix_by_cost():
     assert all(torch.equal(a, b) for a, b in zip(chosen[:n], chosen[n:]))  # 3x the cost over 3 parts: the same
 
 
-def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypatch):
+def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypatch, capsys):
     """Mixtral, two MoE blocks of 4 experts, structured to 70% size with moe.whole_experts: each removed expert is
     all zero and routed to by no token; the shot's record names them; compaction drops them (and their router
     rows) at the zeroed model's perplexity; the saved folder loads (the stock class where every block keeps as
@@ -528,6 +528,7 @@ def test_whole_experts_run_compacts_saves_reloads_and_resumes(tmp_path, monkeypa
     assert all(0 < r < float("inf") for v in costs.values() for r in v["reroute"])
     c = full["compact"]
     assert c["experts"]["kept"] < c["experts"]["total"] == 8
+    assert f"{c['experts']['kept']} of 8 routed experts kept" in capsys.readouterr().out  # the printed summary
     assert c["ppl"] == pytest.approx(full["points"][-1]["ppl"], rel=1e-5)
     removed = {name for name in (layer["name"] for layer in full["layers"]) if ".experts." in name
                and next(l for l in full["layers"] if l["name"] == name)["sparsity"] == 1.0}
