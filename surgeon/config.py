@@ -256,6 +256,7 @@ def _check_auto_damping(cfg: DictConfig) -> None:
         raise ConfigError(f"curvature.auto_damping.tries={auto.tries!r} must be an integer >= 2 (the current scale "
                           "and at least one other)")
     _one_of("curvature.auto_damping.choose", auto.choose, ("lowest", "within_se"))
+    _positive_int("curvature.auto_damping.every", auto.every)
     if not isinstance(auto.monotone, bool):
         raise ConfigError(f"curvature.auto_damping.monotone={auto.monotone!r} must be true or false")
 

@@ -84,6 +84,7 @@ class ShotOptions:
     tries: int = _setting("curvature.auto_damping.tries")
     choose: str = _setting("curvature.auto_damping.choose", default="lowest")  # lowest | within_se
     monotone: bool = _setting("curvature.auto_damping.monotone", default=False)  # after shot 1, no scale below the last
+    every: int = _setting("curvature.auto_damping.every", default=1)  # search at shots 1, 1 + every, ... (runner)
     fisher: str = _setting("curvature.fisher", protocol=True)
     undamped_numerators: bool = _setting("curvature.undamped_numerators")
     blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none

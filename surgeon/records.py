@@ -101,6 +101,7 @@ def upgrade(record: dict) -> dict:
             if isinstance(record["config"]["curvature"]["auto_damping"], dict):  # before choose and monotone
                 record["config"]["curvature"]["auto_damping"].setdefault("choose", "lowest")
                 record["config"]["curvature"]["auto_damping"].setdefault("monotone", False)
+                record["config"]["curvature"]["auto_damping"].setdefault("every", 1)
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
@@ -130,6 +131,7 @@ def upgrade(record: dict) -> dict:
         if isinstance(p.get("auto_damping"), dict):  # before auto_damping.choose and .monotone
             p["auto_damping"].setdefault("choose", "lowest")
             p["auto_damping"].setdefault("monotone", False)
+            p["auto_damping"].setdefault("every", 1)
         p.setdefault("quantize", None)  # before quantize.*: nothing was quantized
         if isinstance(p.get("quantize"), dict):  # before quantize.order: the natural order
             # (experiments.library_gptq's records: llmcompressor's default activation order, static groups)
@@ -284,7 +286,7 @@ def _auto_damping(cfg) -> dict | None:
 
     auto = cfg.curvature.auto_damping
     return {"heldout": auto.heldout, "heldout_seed": heldout_seed(cfg.calib.seed), "step": auto.step,
-            "tries": auto.tries, "choose": auto.choose, "monotone": auto.monotone}
+            "tries": auto.tries, "choose": auto.choose, "monotone": auto.monotone, "every": auto.every}
 
 
 def _calib_source(cfg) -> str:

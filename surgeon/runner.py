@@ -16,7 +16,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -367,11 +367,16 @@ def _shot(job: Job, shot: int, target: float, opts: ShotOptions) -> None:
     check_finite(layers, f"before shot {shot}")
     # curvature.damping=auto searches around the scale the previous shot chose (the record's, also after resume)
     chosen = [p["damping"]["chosen"] for p in job.record["points"] if p.get("damping")]
+    kept = None  # curvature.auto_damping.every > 1: between searches the shot keeps the last chosen damping
+    if opts.damping == "auto" and chosen and (shot - 1) % opts.every:
+        kept = {"chosen": chosen[-1], "damping_a": opts.damping_a * chosen[-1],
+                "damping_g": opts.damping_g * chosen[-1], "tried": []}
+        opts = replace(opts, damping="fixed", damping_a=kept["damping_a"], damping_g=kept["damping_g"])
     seconds, solver_info = prune_shot(job.model, layers, job.data.batches, job.state, target, opts,
                                       seed=cfg.seed + shot, progress=job.main, heldout=job.data.heldout,
                                       scale=chosen[-1] if chosen else 1.0, first=not chosen)
     own_update_s = solver_info.pop("own_update_s", None)
-    point = {"shot": shot, "target": target, **solver_info}
+    point = {"shot": shot, "target": target, **solver_info} | ({"damping": kept} if kept else {})
     if cfg.lora.enabled:
         t0 = time.perf_counter()
         point["lora"] = _lora(cfg, job.model, layers, job.data.calib, job.state, shot)

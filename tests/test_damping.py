@@ -251,7 +251,7 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     full = runner.run(compose(args), tmp_path / "full")
     assert full["protocol"]["damping"] == "auto"
     assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4,
-                                                "choose": "lowest", "monotone": False}
+                                                "choose": "lowest", "monotone": False, "every": 1}
     chosen = [p["damping"]["chosen"] for p in full["points"]]
     for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
         assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
@@ -277,6 +277,25 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     assert resumed["final_ppl"] == pytest.approx(full["final_ppl"], rel=1e-9)
 
 
+def test_a_search_every_second_shot_keeps_its_choice_between(tmp_path):
+    """curvature.auto_damping.every=2 over 3 shots: shots 1 and 3 search (3 around 1's choice), shot 2 is a
+    fixed-damping shot at shot 1's choice (no tries, no held-out evaluation); with choose=within_se the choice
+    is the largest scale within one standard error of the lowest."""
+    args = [*SMALL, "model=opt-tiny", "structure=structured", "target=0.4", "shots=3", "curvature.damping=auto",
+            "curvature.auto_damping.every=2", "curvature.auto_damping.choose=within_se",
+            f"results={tmp_path}/records.jsonl"]
+    rec = runner.run(compose(args), tmp_path / "run")
+    assert rec["protocol"]["auto_damping"]["every"] == 2
+    one, two, three = (p["damping"] for p in rec["points"])
+    assert len(one["tried"]) >= 3 and two["tried"] == [] and len(three["tried"]) >= 3
+    assert two["chosen"] == one["chosen"] and two["damping_a"] == pytest.approx(0.01 * one["chosen"])
+    assert "damping" not in rec["points"][1]["seconds"] and three["tried"][0]["scale"] == pytest.approx(one["chosen"])
+    for d in (one, three):
+        lowest = min(d["tried"], key=lambda t: t["heldout_loss"])
+        within = [t["scale"] for t in d["tried"] if t["heldout_loss"] - lowest["heldout_loss"] <= t["se"] + 1e-15]
+        assert d["chosen"] == max(within)
+
+
 @pytest.mark.parametrize("override, message", [
     (["method=sparsegpt", "structure=unstructured", "target=0.5"], "method=sparsegpt has none"),
     (["method=magnitude"], "identity curvature"),
@@ -286,6 +305,7 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     (["curvature.auto_damping.heldout=0"], "heldout=0 must be a positive integer"),
     (["curvature.damping=lm"], "curvature.damping"),
     (["curvature.auto_damping.choose=median"], "curvature.auto_damping.choose"),
+    (["curvature.auto_damping.every=0"], "every=0 must be a positive integer"),
     (["curvature.auto_damping.monotone=sometimes"], "monotone='sometimes' must be true or false"),
 ])
 def test_bad_auto_damping_settings_are_refused_up_front(override, message):
