@@ -82,7 +82,7 @@ class ShotOptions:
     heldout: int = _setting("curvature.auto_damping.heldout")
     step: float = _setting("curvature.auto_damping.step")
     tries: int = _setting("curvature.auto_damping.tries")
-    choose: str = _setting("curvature.auto_damping.choose", default="lowest")  # lowest | within_se
+    choose: str = _setting("curvature.auto_damping.choose", default="within_se")  # within_se | lowest
     monotone: bool = _setting("curvature.auto_damping.monotone", default=False)  # after shot 1, no scale below the last
     every: int = _setting("curvature.auto_damping.every", default=1)  # search at shots 1, 1 + every, ... (runner)
     fisher: str = _setting("curvature.fisher", protocol=True)

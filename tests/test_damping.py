@@ -131,7 +131,8 @@ def test_the_search_keeps_its_best_try_exactly(overrides):
     has the lowest held-out loss, and the model and masks are those of a fixed-damping shot at the chosen
     damping from the same start."""
     batches, heldout = tiny_data()
-    base = dict(damping_a=0.01, damping_g=0.01, tol=1e-10, max_iter=2000, accumulate="float64", tries=4) | overrides
+    base = dict(damping_a=0.01, damping_g=0.01, tol=1e-10, max_iter=2000, accumulate="float64", tries=4,
+                choose="lowest") | overrides
     model, layers = tiny_opt()
     state = PruneState.empty(layers)
     prune_shot(model, layers, batches, state, 0.2, ShotOptions(**base), seed=1)  # a shot before: not a dense start
@@ -210,7 +211,7 @@ def _auto_shots():
     batches, heldout = tiny_data()
     state, out = PruneState.empty(layers), []
     opts = ShotOptions(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-8, max_iter=500,
-                       accumulate="float64", damping="auto", tries=4)
+                       accumulate="float64", damping="auto", tries=4, choose="lowest")
     scale = 1.0
     for shot in (1, 2):
         _, info = prune_shot(model, layers, batches, state, 0.25 * shot, opts, seed=shot, heldout=heldout,
@@ -251,7 +252,7 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     full = runner.run(compose(args), tmp_path / "full")
     assert full["protocol"]["damping"] == "auto"
     assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4,
-                                                "choose": "lowest", "monotone": False, "every": 1}
+                                                "choose": "within_se", "monotone": False, "every": 1}
     chosen = [p["damping"]["chosen"] for p in full["points"]]
     for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
         assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
@@ -321,11 +322,12 @@ def test_records_before_auto_damping_read_as_fixed():
     new = upgrade(old)
     assert new["protocol"]["damping"] == "fixed" and new["config"]["curvature"]["damping"] == "fixed"
     fresh = compose([])
-    assert new["config"]["curvature"]["auto_damping"] == dict(fresh.curvature.auto_damping)
+    old_rule = dict(fresh.curvature.auto_damping) | {"choose": "lowest"}  # the only rule then
+    assert new["config"]["curvature"]["auto_damping"] == old_rule
     assert new["protocol"]["auto_damping"] is None
     before = upgrade({"protocol": {"damping": "auto", "auto_damping": {"heldout": 8, "heldout_seed": 101, "step": 3.0,
                                                                       "tries": 4}},
                       "config": {"curvature": {"damping": "auto", "auto_damping": {"heldout": 8, "step": 3.0,
                                                                                    "tries": 4}}}})
     assert before["protocol"]["auto_damping"]["choose"] == "lowest" and not before["protocol"]["auto_damping"]["monotone"]
-    assert before["config"]["curvature"]["auto_damping"] == dict(fresh.curvature.auto_damping)
+    assert before["config"]["curvature"]["auto_damping"] == old_rule
