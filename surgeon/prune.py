@@ -633,10 +633,6 @@ def heldout_losses(model, windows: torch.Tensor, batch_size: int = 8) -> torch.T
     return distributed.gather_losses(losses)
 
 
-def heldout_loss(model, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean over `windows` of `heldout_losses`."""
-    return heldout_losses(model, windows, batch_size).mean().item()
-
 
 @torch.no_grad()
 def predicted_increase(shot: _Shot, factors: dict, start: _Snapshot, seq_len: int) -> float:

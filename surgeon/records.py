@@ -85,6 +85,13 @@ def portable_config(node):
     return portable_path(node) if isinstance(node, str) and node.startswith("/") else node
 
 
+def _before_rules(auto_damping) -> None:
+    """curvature.auto_damping before choose, monotone and every: the lowest held-out loss, both ways, every shot."""
+    if isinstance(auto_damping, dict):
+        for key, value in {"choose": "lowest", "monotone": False, "every": 1}.items():
+            auto_damping.setdefault(key, value)
+
+
 def upgrade(record: dict) -> dict:
     """An older record in the form `protocol` writes now: portable model paths (for the checkout that
     wrote it), `precision` (calibration passes were float32), and `solver` (element updates were then always the grouped solve) with `max_correlate`
@@ -98,10 +105,7 @@ def upgrade(record: dict) -> dict:
             record["config"]["curvature"].setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps
             record["config"]["curvature"].setdefault("damping", "fixed")  # before curvature.damping=auto
             record["config"]["curvature"].setdefault("auto_damping", {"heldout": 8, "step": 3.0, "tries": 4})
-            if isinstance(record["config"]["curvature"]["auto_damping"], dict):  # before choose and monotone
-                record["config"]["curvature"]["auto_damping"].setdefault("choose", "lowest")
-                record["config"]["curvature"]["auto_damping"].setdefault("monotone", False)
-                record["config"]["curvature"]["auto_damping"].setdefault("every", 1)
+            _before_rules(record["config"]["curvature"]["auto_damping"])
             if record["config"]["curvature"].get("kind") == "layerwise":  # SparseGPT/Wanda's kind before "none"
                 record["config"]["curvature"]["kind"] = "none"
         record["config"].setdefault("moe", {"min_tokens": 1})  # before moe.min_tokens: no routed experts
@@ -128,10 +132,7 @@ def upgrade(record: dict) -> dict:
         p.setdefault("rank2_eps", 1e-6)  # before curvature.rank2_eps, the floor was fixed at 1e-6
         p.setdefault("damping", "fixed")  # before curvature.damping=auto: every damping was fixed
         p.setdefault("auto_damping", None)
-        if isinstance(p.get("auto_damping"), dict):  # before auto_damping.choose and .monotone
-            p["auto_damping"].setdefault("choose", "lowest")
-            p["auto_damping"].setdefault("monotone", False)
-            p["auto_damping"].setdefault("every", 1)
+        _before_rules(p.get("auto_damping"))
         p.setdefault("quantize", None)  # before quantize.*: nothing was quantized
         if isinstance(p.get("quantize"), dict):  # before quantize.order: the natural order
             # (experiments.library_gptq's records: llmcompressor's default activation order, static groups)
