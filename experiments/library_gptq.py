@@ -19,6 +19,12 @@ import sys
 import time
 
 
+# quantize.observer -> the library's observer of the same idea (its own search defaults): minmax its default;
+# mse its memoryless MSE observer (the same search as surgeon's); cost its importance-matrix MSE (|w - q|^3
+# weighted by E[x^2] per input column, shrinks 1 - i / 20 up to 95%)
+LIBRARY_OBSERVERS = {"minmax": None, "mse": "memoryless_mse", "cost": "imatrix_mse"}
+
+
 def main(argv: list[str]) -> dict:
     import torch
     from torch.utils.data import DataLoader
@@ -48,13 +54,14 @@ def main(argv: list[str]) -> dict:
               "resumed_from_shot": None, "processes": 1, "sparsity": 0.0,
               "versions": {**versions(), "llmcompressor": llmcompressor.__version__}, "git_commit": git_commit()}
     # its defaults: static activation order, the sequential pipeline
-    record["protocol"]["quantize"].update(method="llmcompressor-gptq", order="act", sequential=True)
+    observer = cfg.quantize.get("observer", "minmax")
+    record["protocol"]["quantize"].update(method="llmcompressor-gptq", order="act", sequential=True, observer=observer)
     record["protocol"]["eval"]["windows"] = data.eval_windows.shape[0]
     record["dense_ppl"] = perplexity(model, data.eval_windows, cfg.eval.batch_size)
 
     q = cfg.quantize
     grid = Grid(q.bits, q.symmetric, q.group_size)
-    groups = config_groups(layers, {layer.name: q.bits for layer in layers}, q)
+    groups = config_groups(layers, {layer.name: q.bits for layer in layers}, q, LIBRARY_OBSERVERS[observer])
     calib = [{"input_ids": w[None], "attention_mask": torch.ones_like(w)[None]} for w in data.calib]
     # oneshot re-reads the config from model.config.name_or_path, which for a GGUF model is a folder with no
     # config.json: give it the model's own config (a float model, as surgeon loads it)
@@ -72,6 +79,7 @@ def main(argv: list[str]) -> dict:
     ppl = perplexity(model, data.eval_windows, cfg.eval.batch_size)
     record["quantize"] = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric),
                           "method": "llmcompressor-gptq", "damping": q.damping, "order": "act", "sequential": True,
+                          "observer": observer, "library_observer": LIBRARY_OBSERVERS[observer] or "minmax",
                           "cost": None,
                           "fallbacks": 0,
                           "before_ppl": record["dense_ppl"], "ppl": ppl,

@@ -380,6 +380,8 @@ def weights_label(record: dict | None) -> str:
         "" if q["symmetric"] else " asym")
     extra = [name for name, on in (("act order", q.get("order") == "act"), ("sequential", q.get("sequential")))
              if on and q["method"] == "gptq"]
+    if q.get("observer", "minmax") != "minmax":
+        extra.append(f"{q['observer']} observer")
     return f"{grid} {QUANT_METHODS.get(q['method'], q['method'])}" + "".join(f", {e}" for e in extra)
 
 

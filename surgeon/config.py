@@ -266,7 +266,7 @@ def _check_quantize(cfg: DictConfig) -> None:
     q = cfg.get("quantize")
     if q is None or q.bits is None:
         return
-    from .quantize import METHODS, ORDERS
+    from .quantize import METHODS, OBSERVERS, ORDERS
 
     if not isinstance(q.bits, int) or isinstance(q.bits, bool) or not 2 <= q.bits <= 8:
         raise ConfigError(f"quantize.bits={q.bits!r} must be null (no quantization) or an integer from 2 to 8")
@@ -274,6 +274,7 @@ def _check_quantize(cfg: DictConfig) -> None:
         raise ConfigError(f"quantize.group_size={q.group_size!r} must be a non-negative integer (0: one scale per row)")
     _one_of("quantize.method", q.method, METHODS)
     _one_of("quantize.order", q.order, ORDERS)
+    _one_of("quantize.observer", q.get("observer", "minmax"), OBSERVERS)
     for key in ("symmetric", "export", "sequential", "baseline"):
         if not isinstance(q[key], bool):
             raise ConfigError(f"quantize.{key}={q[key]!r} must be true or false")

@@ -19,6 +19,11 @@ from .obs import damp
 
 METHODS = ("gptq", "rtn")
 ORDERS = ("natural", "act")
+OBSERVERS = ("minmax", "mse", "cost")
+# the range search of observer=mse/cost: llmcompressor's memoryless MSE observer's defaults (its range shrunk by
+# 1 - i / SHRINK_GRID for i < SHRINK_MAX * SHRINK_GRID, the error |w - q|^MSE_NORM, stopped after SHRINK_PATIENCE
+# shrinks that improve no row)
+SHRINK_GRID, SHRINK_MAX, SHRINK_PATIENCE, MSE_NORM = 100, 0.2, 5, 2.4
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,15 @@ class Grid:
     bits: int
     symmetric: bool = True
     group_size: int = 128
+    observer: str = "minmax"  # how `fit` sets a group's range: minmax | mse | cost (`fit`)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"quantize.bits={self.bits!r} must be an integer from 2 to 8")
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise ValueError(f"quantize.group_size={self.group_size!r} must be a non-negative integer (0: per row)")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"quantize.observer={self.observer!r} must be one of {OBSERVERS}")
 
     @property
     def qmin(self) -> int:
@@ -53,13 +61,44 @@ class Grid:
             return columns
         return next(w for w in range(self.group_size, 0, -1) if columns % w == 0)
 
-    def fit(self, W: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale and zero point (R,) of the rows of W (R, c) from their range, 0 included, as compressed-tensors'
-        min-max observer and GPTQ fit them: symmetric, max |w| / ((qmax - qmin) / 2) (int4: max |w| / 7.5, so the
-        largest positive weight may be clipped to 7 steps, a finer grid than max / 7); asymmetric,
-        (max - min) / (qmax - qmin) with the zero point rounded to an integer. An all-zero row gets scale 1."""
+    def fit(self, W: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (R,) of the rows of W (R, c). observer=minmax: from their range, 0 included, as
+        compressed-tensors' min-max observer and GPTQ fit them: symmetric, max |w| / ((qmax - qmin) / 2) (int4:
+        max |w| / 7.5, so the largest positive weight may be clipped to 7 steps, a finer grid than max / 7);
+        asymmetric, (max - min) / (qmax - qmin) with the zero point rounded to an integer. An all-zero row gets
+        scale 1. observer=mse: per row the range shrunk by the factor (1, 0.99, ..., 0.81) whose rounding error
+        sum |w - q|^2.4 is least (llmcompressor's MSE observer; clipping a few large weights buys a finer grid for
+        the rest); observer=cost: the same search by sum_c weight_c (w_c - q_c)^2, `weight` (c,) the columns'
+        diag A, the diagonal KFAC cost of the rounding (uniform without `weight`)."""
         lo = W.min(dim=1).values.clamp(max=0)
         hi = W.max(dim=1).values.clamp(min=0)
+        if self.observer == "minmax":
+            return self._range(lo, hi)
+        if self.observer == "cost":
+            w = torch.ones(W.shape[1], dtype=W.dtype, device=W.device) if weight is None else weight.to(W)
+            error = lambda D: (D**2 * w).sum(1)  # noqa: E731
+        else:
+            error = lambda D: D.abs().pow(MSE_NORM).sum(1)  # noqa: E731
+        scale, zero = self._range(lo, hi)
+        best = error(self.round(W, scale, zero) - W)
+        stale = 0
+        for i in range(1, int(SHRINK_MAX * SHRINK_GRID)):
+            p = 1 - i / SHRINK_GRID
+            s, z = self._range(p * lo, p * hi)
+            err = error(self.round(W, s, z) - W)
+            better = err < best
+            if better.any():
+                stale = 0
+                best = torch.where(better, err, best)
+                scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+            else:
+                stale += 1
+                if stale >= SHRINK_PATIENCE:
+                    break
+        return scale, zero
+
+    def _range(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and zero point (R,) of the ranges [lo, hi] (lo <= 0 <= hi), min-max style."""
         if self.symmetric:
             scale = torch.maximum(hi, -lo) / ((self.qmax - self.qmin) / 2)
         else:
@@ -96,11 +135,12 @@ class Quantized:
     zero: Tensor
     cost: float
     bits: int
+    column_weight: Tensor | None = None  # (Cw,) the damped diag A that observer=cost weighed the columns by
 
 
 def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor | None = None,
                    bias: Tensor | None = None, method: str = "gptq", damping: float = 0.01,
-                   blocksize: int = 128, order: str = "natural") -> Quantized:
+                   blocksize: int = 128, order: str = "natural", column_weight: Tensor | None = None) -> Quantized:
     """Quantize W (R, Cw) to `grid`, keeping its exact zeros zero.
 
     gptq: A (C, C) is the input factor, C = Cw + 1 with a bias (its trailing constant-1 input, as
@@ -112,7 +152,8 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
     order), every group's grid fitted first on the original weights ("static groups", so a group's columns may be
     anywhere in the order). G (R, R) or its diagonal only weighs the cost (None: I, GPTQ's squared error). rtn:
     each entry to its nearest grid point (grid fitted on the original weights), no update; the cost is still
-    reported when A is given.
+    reported when A is given. `column_weight` (Cw,): the columns' weights of observer=cost where A is not given
+    (the round-to-nearest twin of an update, `Quantized.column_weight`); with A, diag H.
     """
     if method not in METHODS:
         raise ValueError(f"quantize.method={method!r} must be one of {METHODS}")
@@ -132,9 +173,13 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
             raise ValueError(f"A has shape {tuple(A.shape)}; the layer needs ({Wb.shape[1]}, {Wb.shape[1]})")
         H = damp(A.to(device=W.device, dtype=torch.float64), damping)
     Gw = None if G is None else G.to(device=W.device, dtype=work)
+    if H is not None:
+        column_weight = H.diagonal()[:Cw]
+    weight = None if column_weight is None else column_weight.to(device=W.device, dtype=work)
 
     def fit(g: int, cols: Tensor) -> None:  # group g's grid from `cols` (its columns), pruned entries as 0
-        s, z = grid.fit(torch.where(zero_before[:, g * width:(g + 1) * width], 0, cols))
+        diag = None if weight is None else weight[g * width:(g + 1) * width]  # observer=cost's column weights
+        s, z = grid.fit(torch.where(zero_before[:, g * width:(g + 1) * width], 0, cols), diag)
         scales[:, g], zeros[:, g] = s, z
 
     def target(j: int, w: Tensor) -> Tensor:  # j: the column's index in W
@@ -150,7 +195,7 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
             for j in range(g * width, min((g + 1) * width, Cw)):
                 Q[:, j] = target(j, Q[:, j])
         cost = _cost(Wb - Q, H, Gw) if H is not None else float("nan")
-        return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost, grid.bits)
+        return Quantized(Q[:, :Cw].to(W.dtype), bias, scales, zeros, cost, grid.bits, weight)
 
     C = Wb.shape[1]
     if order == "act":
@@ -190,7 +235,7 @@ def quantize_layer(W: Tensor, grid: Grid, *, A: Tensor | None = None, G: Tensor 
     out = torch.empty_like(Q)
     out[:, full] = Q
     new_bias = None if bias is None else out[:, Cw].to(bias.dtype)
-    return Quantized(out[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost, grid.bits)
+    return Quantized(out[:, :Cw].to(W.dtype), new_bias, scales, zeros, cost, grid.bits, weight)
 
 
 def _cost(D: Tensor, H: Tensor, G: Tensor | None) -> float:
@@ -221,7 +266,7 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
     seconds = {}
     t0 = time.perf_counter()
     factors = {}
-    if q.method == "gptq":
+    if q.method == "gptq" or q.get("observer") == "cost":  # rtn with observer=cost: diag A weighs the range
         factors = estimate_curvature(model, layers, distributed.share(batches), fisher=opts.fisher, rank=1,
                                      kind="kfac", seed=seed, progress=progress, precision=opts.precision,
                                      offload=opts.offload, accumulate=opts.accumulate,
@@ -229,7 +274,7 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
     seconds["curvature"] = time.perf_counter() - t0
 
     def solve(layer, bits: int) -> tuple[Quantized, str, str | None]:
-        grid = Grid(bits, q.symmetric, q.group_size)
+        grid = Grid(bits, q.symmetric, q.group_size, q.get("observer", "minmax"))
         W, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
         f = factors.get(layer.name)
         if f is not None and f.tokens is not None and f.tokens < opts.min_tokens:
@@ -285,7 +330,8 @@ def quantize_model(model, layers, batches, q, opts, *, seed: int = 0, progress: 
     sizes = [layer.weight.numel() for layer in layers]
     mean_bits = sum(e["bits"] * n for e, n in zip(entries, sizes)) / sum(sizes)
     report = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
-              "damping": q.damping, "order": q.order, "budget": budget, "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
+              "damping": q.damping, "order": q.order, "observer": q.get("observer", "minmax"), "budget": budget,
+              "mean_bits": mean_bits, "cost": sum(costs) if costs else None,
               "seconds": seconds, "fallbacks": sum("fallback" in e for e in entries), "layers": entries}
     return report, results
 
@@ -395,10 +441,10 @@ def allocate_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], bud
     return chosen
 
 
-def config_groups(layers, bits_of: dict[str, int], q) -> dict:
+def config_groups(layers, bits_of: dict[str, int], q, observer: str | None = None) -> dict:
     """compressed-tensors config groups for `layers`: one per (bits, group width), each layer's width from
     Grid.width, per-row scales (`channel`) with group_size 0; used by `export` and experiments.library_gptq, so the
-    library quantizes to the same grid layout."""
+    library quantizes to the same grid layout; `observer`: the library's observer name (its default without)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     by_grid: dict[tuple[int, int], list[str]] = {}
@@ -409,7 +455,8 @@ def config_groups(layers, bits_of: dict[str, int], q) -> dict:
     per_row = q.group_size == 0
     return {f"group_{i}": QuantizationScheme(targets=names, weights=QuantizationArgs(
         num_bits=bits, type="int", symmetric=bool(q.symmetric), strategy="channel" if per_row else "group",
-        group_size=None if per_row else width)) for i, ((bits, width), names) in enumerate(sorted(by_grid.items()))}
+        group_size=None if per_row else width, **({"observer": observer} if observer else {})))
+        for i, ((bits, width), names) in enumerate(sorted(by_grid.items()))}
 
 
 def export(model, layers, results: dict[str, Quantized], q, out_dir) -> dict:

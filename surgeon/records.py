@@ -119,6 +119,7 @@ def upgrade(record: dict) -> dict:
                                                  "order": "natural", "sequential": False})
         if isinstance(record["config"]["quantize"], dict):  # before quantize.baseline: no round-to-nearest twin
             record["config"]["quantize"].setdefault("baseline", False)
+            record["config"]["quantize"].setdefault("observer", "minmax")  # before quantize.observer
     p = record.get("protocol")
     if isinstance(p, dict) and isinstance(p.get("model"), str):
         p["model"] = portable_path(p["model"])
@@ -140,6 +141,7 @@ def upgrade(record: dict) -> dict:
                 p["quantize"].get("method")))
             p["quantize"].setdefault("sequential", {"gptq": False, "llmcompressor-gptq": True}.get(
                 p["quantize"].get("method")))
+            p["quantize"].setdefault("observer", "minmax")  # before quantize.observer: the min-max range
     if isinstance(p, dict) and "solver" not in p:
         solves = (p.get("structure") != "structured" and p.get("correlation") == "layer"
                   and p.get("method") not in LAYERWISE_METHODS)
@@ -271,7 +273,8 @@ def _quantize(cfg) -> dict | None:
         return None
     out = {"bits": q.bits, "group_size": q.group_size, "symmetric": bool(q.symmetric), "method": q.method,
            "damping": q.damping, "order": q.get("order", "natural") if q.method == "gptq" else None,
-           "sequential": bool(q.get("sequential", False)) if q.method == "gptq" else None}
+           "sequential": bool(q.get("sequential", False)) if q.method == "gptq" else None,
+           "observer": q.get("observer", "minmax")}
     if q.get("budget") is not None:  # mixed precision: the widths come from the budget, not `bits`
         out.update(bits=None, budget=q.budget, widths=sorted(set(q.widths)))
     return out

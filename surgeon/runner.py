@@ -476,8 +476,10 @@ def _rtn_baseline(job: Job, layers, floats: dict, results: dict) -> dict:
     with torch.no_grad():
         for layer in layers:
             W, bias = floats[layer.name]
-            rtn = quantize_layer(W.to(layer.weight.device), Grid(results[layer.name].bits, q.symmetric, q.group_size),
-                                 bias=None if bias is None else bias.to(layer.weight.device), method="rtn")
+            grid = Grid(results[layer.name].bits, q.symmetric, q.group_size, q.get("observer", "minmax"))
+            bias = None if bias is None else bias.to(layer.weight.device)
+            rtn = quantize_layer(W.to(layer.weight.device), grid, bias=bias, method="rtn",
+                                 column_weight=results[layer.name].column_weight)  # observer=cost: the same diag A
             layer.weight.copy_(rtn.W)
             if layer.bias is not None:
                 layer.bias.copy_(rtn.bias)

@@ -41,7 +41,8 @@ def _brute_force(W, bias, A, G, grid, damping, out, order="natural"):
     if order == "act":
         columns = torch.argsort(-H.diagonal()[:Cw], stable=True).tolist()
         for g in range(-(-Cw // width)):
-            s, z = grid.fit(torch.where(W[:, g * width:(g + 1) * width] == 0, 0, Wb[:, g * width:(g + 1) * width]))
+            s, z = grid.fit(torch.where(W[:, g * width:(g + 1) * width] == 0, 0, Wb[:, g * width:(g + 1) * width]),
+                            H.diagonal()[g * width:(g + 1) * width])
             torch.testing.assert_close(s, out.scale[:, g], rtol=1e-9, atol=0)
     else:
         columns = list(range(Cw))
@@ -49,7 +50,8 @@ def _brute_force(W, bias, A, G, grid, damping, out, order="natural"):
     for j in columns:
         g = j // width
         if order == "natural" and j % width == 0:
-            s, z = grid.fit(torch.where(W[:, j:j + width] == 0, 0, cur[:, j:min(j + width, Cw)]))
+            s, z = grid.fit(torch.where(W[:, j:j + width] == 0, 0, cur[:, j:min(j + width, Cw)]),
+                            H.diagonal()[j:j + width])
             torch.testing.assert_close(s, out.scale[:, g], rtol=1e-9, atol=0)
             torch.testing.assert_close(z, out.zero[:, g], rtol=0, atol=0)
         s, z, t = out.scale[:, g], out.zero[:, g], out.W[:, j]
@@ -71,17 +73,20 @@ def _brute_force(W, bias, A, G, grid, damping, out, order="natural"):
     return cur
 
 
-@pytest.mark.parametrize("bias,symmetric,group,blocksize,order", [
-    (False, True, 4, 128, "natural"), (True, True, 5, 3, "natural"), (True, False, 0, 4, "natural"),
-    (False, False, 4, 8, "natural"), (True, True, 10, 2, "natural"), (True, True, 5, 3, "act"),
-    (False, False, 4, 128, "act"), (True, True, 0, 4, "act")])
-def test_sweep_equals_the_sequential_dense_obs_solve(bias, symmetric, group, blocksize, order):
+@pytest.mark.parametrize("bias,symmetric,group,blocksize,order,observer", [
+    (False, True, 4, 128, "natural", "minmax"), (True, True, 5, 3, "natural", "minmax"),
+    (True, False, 0, 4, "natural", "minmax"), (False, False, 4, 8, "natural", "minmax"),
+    (True, True, 10, 2, "natural", "minmax"), (True, True, 5, 3, "act", "minmax"),
+    (False, False, 4, 128, "act", "minmax"), (True, True, 0, 4, "act", "minmax"),
+    (True, True, 5, 3, "act", "mse"), (False, False, 4, 8, "natural", "mse"), (True, True, 5, 3, "act", "cost"),
+    (True, False, 4, 8, "natural", "cost")])
+def test_sweep_equals_the_sequential_dense_obs_solve(bias, symmetric, group, blocksize, order, observer):
     R, Cw = 5, 10
     W = _layer(R, Cw, 0)
     b = torch.randn(R, dtype=torch.float64) if bias else None
     C = Cw + bias
     A, G = _spd(C, 1), _spd(R, 2)
-    grid = Grid(bits=3, symmetric=symmetric, group_size=group)
+    grid = Grid(bits=3, symmetric=symmetric, group_size=group, observer=observer)
     out = quantize_layer(W, grid, A=A, G=G, bias=b, damping=0.05, blocksize=blocksize, order=order)
     want = _brute_force(W, b, A, G, grid, 0.05, out, order)
     torch.testing.assert_close(out.W, want[:, :Cw], rtol=1e-9, atol=1e-9)
@@ -92,6 +97,55 @@ def test_sweep_equals_the_sequential_dense_obs_solve(bias, symmetric, group, blo
     Qb = out.W if b is None else torch.cat([out.W, out.bias[:, None]], 1)
     D = (Qb - Wb).reshape(-1)
     assert out.cost == pytest.approx(0.5 * float(D @ torch.kron(G, damp(A, 0.05)) @ D), rel=1e-9)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("observer", ["mse", "cost"])
+def test_observer_range_is_the_best_shrink_by_brute_force(monkeypatch, symmetric, observer):
+    """Each row's range is the shrink p in (1, 0.99, ..., 0.81) of its min-max range whose rounding error is least
+    (|w - q|^2.4 summed, or the weighted squared error), searched here row by row over every p (no early stop)."""
+    import surgeon.quantize as quantize
+
+    monkeypatch.setattr(quantize, "SHRINK_PATIENCE", 1000)
+    g = torch.Generator().manual_seed(12)
+    W = torch.randn(12, 16, dtype=torch.float64, generator=g)
+    W[:, 3] *= 6  # an outlier column: clipping it buys a finer grid for the rest
+    W[0] = 0  # an all-zero row keeps its min-max grid (scale 1)
+    weight = torch.rand(16, dtype=torch.float64, generator=g) + 0.05
+    grid = Grid(bits=3, symmetric=symmetric, group_size=0, observer=observer)
+    scale, zero = grid.fit(W, weight)
+    minmax = Grid(bits=3, symmetric=symmetric, group_size=0)
+    s0, z0 = minmax.fit(W)
+    assert scale[0] == s0[0] == 1 and zero[0] == z0[0]
+    error = (lambda D: (D**2 * weight).sum()) if observer == "cost" else (lambda D: D.abs().pow(2.4).sum())
+    shrunk = 0
+    for r in range(1, W.shape[0]):
+        lo, hi = W[r].min().clamp(max=0), W[r].max().clamp(min=0)
+        candidates = []
+        for i in range(20):
+            s, z = minmax._range((1 - i / 100) * lo[None], (1 - i / 100) * hi[None])
+            candidates.append((float(error(minmax.round(W[r:r + 1], s, z) - W[r:r + 1])), i, s, z))
+        best = min(candidates, key=lambda c: (c[0], c[1]))
+        torch.testing.assert_close(scale[r:r + 1], best[2], rtol=1e-12, atol=0)
+        torch.testing.assert_close(zero[r:r + 1], best[3], rtol=0, atol=0)
+        assert best[0] <= candidates[0][0]  # never worse than min-max
+        shrunk += best[1] > 0
+        assert scale[r] <= s0[r] * (1 + 1e-12) or not symmetric
+    assert shrunk >= 3  # the outlier column makes clipping pay in most rows
+
+
+def test_the_cost_observer_weighs_columns_by_diag_a():
+    """observer=cost fits the grid to the columns that carry input energy: a heavily weighted column is rounded
+    more finely than under mse, which counts every column alike."""
+    g = torch.Generator().manual_seed(13)
+    W = torch.randn(64, 8, dtype=torch.float64, generator=g)
+    W[:, 0] *= 5  # the large column ...
+    weight = torch.full((8,), 0.01, dtype=torch.float64)
+    weight[0] = 100.0  # ... carries the input energy: clipping it would cost the most
+    cost = Grid(bits=3, group_size=0, observer="cost")
+    mse = Grid(bits=3, group_size=0, observer="mse")
+    err = lambda grid: ((grid.round(W, *grid.fit(W, weight)) - W)[:, 0] ** 2).sum()  # noqa: E731
+    assert err(cost) < err(mse)
 
 
 def test_g_does_not_change_the_update_only_the_cost():
@@ -146,6 +200,8 @@ def test_bad_settings_fail_clearly():
         Grid(bits=1)
     with pytest.raises(ValueError, match="group_size"):
         Grid(bits=4, group_size=-1)
+    with pytest.raises(ValueError, match="quantize.observer"):
+        Grid(bits=4, observer="percentile")
     with pytest.raises(ValueError, match="needs the input factor"):
         quantize_layer(_layer(2, 4, 0), Grid(bits=4))
     with pytest.raises(ValueError, match="quantize.method"):
@@ -187,7 +243,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     q = record["quantize"]
     assert record["protocol"]["quantize"] == {"bits": 4, "group_size": 128, "symmetric": symmetric == "true",
                                               "method": "gptq", "damping": 0.01, "order": "act",
-                                              "sequential": False}
+                                              "sequential": False, "observer": "minmax"}
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
@@ -244,6 +300,25 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     assert rows[("none", "int3 g128 round to nearest")] == gptq["quantize"]["baseline"]["ppl"]
 
 
+def test_cost_observer_run_and_its_round_to_nearest_twin(tmp_path, shared):
+    """quantize.observer=cost through run.py: the record and the table name it; the round-to-nearest twin of the
+    update's run weighs the columns by the same diag A as a round-to-nearest run of its own (which makes the
+    curvature pass for it), so the two agree; the grids differ from min-max ones."""
+    common = ["model=llama-tiny", "shots=0", "quantize=w4g128", "quantize.bits=3", "calib.n=16", "eval.max_windows=16"]
+    gptq = _run(tmp_path, "gptq", [*common, "quantize.observer=cost", "quantize.baseline=true"])
+    rtn = _run(tmp_path, "rtn", [*common, "quantize.observer=cost", "quantize.method=rtn"])
+    minmax = _run(tmp_path, "minmax", [*common, "quantize.method=rtn"])
+    assert gptq["protocol"]["quantize"]["observer"] == "cost" and gptq["quantize"]["observer"] == "cost"
+    assert gptq["quantize"]["baseline"]["ppl"] == pytest.approx(rtn["quantize"]["ppl"], rel=1e-9)
+    assert rtn["quantize"]["cost"] is not None  # its curvature pass: diag A for the range, the cost reported
+    assert rtn["quantize"]["ppl"] != pytest.approx(minmax["quantize"]["ppl"], rel=1e-9)
+    from experiments.tables import build_tables
+
+    rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([gptq])["quantized"]["rows"]}
+    assert rows[("none", "int3 g128 OBS update (run's A), act order, cost observer")] == gptq["final_ppl"]
+    assert rows[("none", "int3 g128 round to nearest, cost observer")] == gptq["quantize"]["baseline"]["ppl"]
+
+
 def test_quantize_settings_are_checked_before_loading():
     from surgeon.config import ConfigError, validate
 
@@ -251,6 +326,7 @@ def test_quantize_settings_are_checked_before_loading():
                              (["quantize=w4", "quantize.method=awq"], "quantize.method"),
                              (["quantize=w4", "quantize.damping=0"], "quantize.damping"),
                              (["quantize=w4", "quantize.group_size=-8"], "quantize.group_size"),
+                             (["quantize=w4", "quantize.observer=percentile"], "quantize.observer"),
                              (["shots=0"], "needs quantize.bits")]:
         with pytest.raises(ConfigError, match=match):
             validate(compose(overrides), check_sources=False)
