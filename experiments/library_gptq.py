@@ -8,7 +8,8 @@ it runs in a venv of its own, installed with --no-deps beside transformers 5.25 
 
     python -m experiments.library_gptq model=llama-tiny quantize=w4g128 results=results/quantize-testbed.jsonl
 
-Settings are run.py's (model, data, calib.*, eval.*, quantize.bits / group_size / symmetric / damping); the
+Settings are run.py's (model, data, calib.*, eval.*, quantize.bits / group_size / symmetric / damping / observer,
+the last as the library's observer of the same idea, LIBRARY_OBSERVERS); the
 library's own defaults stand otherwise (its activation order `static`, its sequential pipeline: each block
 calibrated on the outputs of the blocks already quantized). Only the prunable layers surgeon quantizes are
 targeted, with the same group width per layer (surgeon.quantize.Grid.width).

@@ -243,7 +243,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     q = record["quantize"]
     assert record["protocol"]["quantize"] == {"bits": 4, "group_size": 128, "symmetric": symmetric == "true",
                                               "method": "gptq", "damping": 0.01, "order": "act",
-                                              "sequential": False, "observer": "minmax"}
+                                              "sequential": False, "observer": "cost"}
     assert q["export"]["format"] == fmt and q["export"]["bytes"] > 0
     assert record["final_ppl"] == q["ppl"] and q["before_ppl"] == record["points"][-1]["ppl"]
     assert q["fallbacks"] == 0 and all(e["method"] == "gptq" for e in q["layers"])
@@ -255,7 +255,7 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
     rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([record])["quantized"]["rows"]}
     grid = "int4 g128" + ("" if symmetric == "true" else " asym")
     assert rows == {("Dense (100%)", ""): record["dense_ppl"], ("LLM Surgeon unstructured 50%", "float"): q["before_ppl"],
-                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A), act order"): q["ppl"]}
+                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A), act order, cost observer"): q["ppl"]}
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
     data = prepare_data(compose([*SMALL, f"model={model}"]))
     assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
@@ -269,7 +269,7 @@ def test_quantization_alone_and_round_to_nearest(tmp_path, shared):
     is lower (16k calibration tokens: 114.65 against 114.89, dense 114.52; with 4k the update overfits A and
     loses)."""
     common = ["model=opt-tiny", "shots=0", "quantize=w4g128", "quantize.bits=3", "calib.n=64", "calib.seq_len=256",
-              "eval.max_windows=32"]
+              "eval.max_windows=32", "quantize.observer=minmax"]  # the min-max range: rtn needs no curvature pass
     # quantize.baseline: the same run also rounds to nearest; the update's weights are what it saves
     gptq = _run(tmp_path, "gptq", [*common, "quantize.baseline=true", "save_model=true"])
     rtn = _run(tmp_path, "rtn", [*common, "quantize.method=rtn"])
@@ -307,7 +307,7 @@ def test_cost_observer_run_and_its_round_to_nearest_twin(tmp_path, shared):
     common = ["model=llama-tiny", "shots=0", "quantize=w4g128", "quantize.bits=3", "calib.n=16", "eval.max_windows=16"]
     gptq = _run(tmp_path, "gptq", [*common, "quantize.observer=cost", "quantize.baseline=true"])
     rtn = _run(tmp_path, "rtn", [*common, "quantize.observer=cost", "quantize.method=rtn"])
-    minmax = _run(tmp_path, "minmax", [*common, "quantize.method=rtn"])
+    minmax = _run(tmp_path, "minmax", [*common, "quantize.method=rtn", "quantize.observer=minmax"])
     assert gptq["protocol"]["quantize"]["observer"] == "cost" and gptq["quantize"]["observer"] == "cost"
     assert gptq["quantize"]["baseline"]["ppl"] == pytest.approx(rtn["quantize"]["ppl"], rel=1e-9)
     assert rtn["quantize"]["cost"] is not None  # its curvature pass: diag A for the range, the cost reported
