@@ -139,7 +139,9 @@ def summary_table(record: dict) -> str:
     q = record.get("quantize")
     if q:
         export = f", saved {q['export']['format']} {q['export']['bytes'] / 1e6:.1f} MB" if q.get("export") else ""
-        lines.append(f"quantized: {q['mean_bits']:.3g} bits per weight ({q['method']}, group {q['group_size']}), "
+        observer = f", {q['observer']} observer" if q.get("observer") else ""  # records before it: the min-max range
+        lines.append(f"quantized: {q['mean_bits']:.3g} bits per weight ({q['method']}, group {q['group_size']}"
+                     f"{observer}), "
                      f"ppl {q['before_ppl']:.3f} -> {q['ppl']:.3f}{export}"
                      + (f" (round to nearest: {q['baseline']['ppl']:.3f})" if q.get("baseline") else ""))
     lm = record.get("lm_eval") or {}

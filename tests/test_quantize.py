@@ -254,8 +254,9 @@ def test_pruned_then_quantized_model_saves_and_reloads_with_the_same_perplexity(
 
     rows = {tuple(row["label"]): row["cells"][0]["ppl"] for row in build_tables([record])["quantized"]["rows"]}
     grid = "int4 g128" + ("" if symmetric == "true" else " asym")
-    assert rows == {("Dense (100%)", ""): record["dense_ppl"], ("LLM Surgeon unstructured 50%", "float"): q["before_ppl"],
-                    ("LLM Surgeon unstructured 50%", f"{grid} OBS update (run's A), act order, cost observer"): q["ppl"]}
+    pruning = "LLM Surgeon unstructured 50%"
+    assert rows == {("Dense (100%)", ""): record["dense_ppl"], (pruning, "float"): q["before_ppl"],
+                    (pruning, f"{grid} OBS update (run's A), act order, cost observer"): q["ppl"]}
     reloaded = AutoModelForCausalLM.from_pretrained(record["model_dir"])
     data = prepare_data(compose([*SMALL, f"model={model}"]))
     assert perplexity(reloaded, data.eval_windows) == pytest.approx(q["ppl"], rel=1e-5)
@@ -309,6 +310,9 @@ def test_cost_observer_run_and_its_round_to_nearest_twin(tmp_path, shared):
     rtn = _run(tmp_path, "rtn", [*common, "quantize.observer=cost", "quantize.method=rtn"])
     minmax = _run(tmp_path, "minmax", [*common, "quantize.method=rtn", "quantize.observer=minmax"])
     assert gptq["protocol"]["quantize"]["observer"] == "cost" and gptq["quantize"]["observer"] == "cost"
+    from surgeon.runner import summary_table
+
+    assert "(gptq, group 128, cost observer)" in summary_table(gptq)
     assert gptq["quantize"]["baseline"]["ppl"] == pytest.approx(rtn["quantize"]["ppl"], rel=1e-9)
     assert rtn["quantize"]["cost"] is not None  # its curvature pass: diag A for the range, the cost reported
     assert rtn["quantize"]["ppl"] != pytest.approx(minmax["quantize"]["ppl"], rel=1e-9)
