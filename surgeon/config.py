@@ -259,6 +259,10 @@ def _check_auto_damping(cfg: DictConfig) -> None:
     _positive_int("curvature.auto_damping.every", auto.every)
     if not isinstance(auto.monotone, bool):
         raise ConfigError(f"curvature.auto_damping.monotone={auto.monotone!r} must be true or false")
+    tol = auto.get("tol")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise ConfigError(f"curvature.auto_damping.tol={tol!r} must be a relative residual in (0, 1), or null (the "
+                          "tries solve to update.tol)")
 
 
 def _check_quantize(cfg: DictConfig) -> None:

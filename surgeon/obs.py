@@ -7,7 +7,7 @@ the live sub-factors; dead rows and columns cost 0 and are never updated.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -26,6 +26,24 @@ class NotConverged(RuntimeError):
 
 
 @dataclass
+class Warm:
+    """A joint element solve's solution (host float32): the multipliers on Q (dual) or the update on the kept
+    entries (primal), with the removed mask it solved for; `update_elements_joint(warm=...)` starts from it when
+    the mask and formulation are the same (the curvature.auto_damping.tol search refines its chosen try)."""
+
+    formulation: str
+    removed: Tensor  # (R', C') live-coordinate mask Q
+    x: Tensor
+
+    def start(self, formulation: str, Q: Tensor, shape, device) -> Tensor | None:
+        """x as the start of a solve of `formulation` on Q (of the sub-system's `shape`), or None: another system."""
+        if self.formulation != formulation or tuple(self.x.shape) != tuple(shape) \
+                or self.removed.shape != Q.shape or not torch.equal(self.removed, Q.cpu()):
+            return None
+        return self.x.to(device=device, dtype=torch.float64)
+
+
+@dataclass
 class SolveInfo:
     """How one layer's joint element update was solved (recorded per layer and shot)."""
 
@@ -34,9 +52,11 @@ class SolveInfo:
     residual: float        # final true relative residual of the system solved (0 when w_Q = 0)
     converged: bool
     formulation: str = ""  # "dual" (on Q) or "primal" (on the kept entries); "" when nothing was solved
+    # the system's solution, for a later solve of the same system to a tighter tol to start from (not recorded)
+    warm: Warm | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warm"}  # no tensor copies
 
 
 def damp(M: Tensor, lam: float) -> Tensor:
@@ -313,7 +333,8 @@ class LayerOBS:
         return self._result(W, removed)
 
     def update_elements_joint(self, removed: Tensor, tol: float = 1e-10, max_iter: int = 2000,
-                              formulation: str | None = None) -> tuple[Tensor, SolveInfo]:
+                              formulation: str | None = None, warm: Warm | None = None,
+                              keep: bool = False) -> tuple[Tensor, SolveInfo]:
         """New W after removing the (R, Cw) mask `removed`, all of the layer's removed entries Q at once
         (section 3, correlation=layer, the exact layer-joint solve), by Jacobi-preconditioned conjugate
         gradients in float64 on one of two equivalent systems:
@@ -322,7 +343,9 @@ class LayerOBS:
         The dual's conditioning approaches F^-1's as Q grows to the whole layer (the global threshold removes
         ~100% of some layers), the primal's approaches F's as K grows; each is solved where it is the smaller
         system (PRIMAL_ABOVE), the other tried when it does not converge; `formulation` forces one. Raises
-        NotConverged when none reaches the relative residual `tol` within `max_iter` iterations."""
+        NotConverged when none reaches the relative residual `tol` within `max_iter` iterations.
+        `warm`: an earlier solve's solution of the same mask (its `info.warm`), the start of the same
+        formulation's iteration (a looser solve refined to `tol`); `keep`: return this solve's in `info.warm`."""
         removed = self._with_bias(self._check_mask(removed, (self.shape[0], self.shape[1] - self.has_bias), "removed"))
         Q = removed[self.live_rows][:, self.live_cols]
         info = SolveInfo(removed=int(Q.sum()), iterations=0, residual=0.0, converged=True)
@@ -333,10 +356,14 @@ class LayerOBS:
             order = [self._check_formulation(formulation)]
         else:
             order = ["primal", "dual"] if info.removed > PRIMAL_ABOVE * Q.numel() else ["dual", "primal"]
+        if warm is not None and warm.formulation in order:  # the formulation that solved it before goes first
+            order = [warm.formulation] + [f for f in order if f != warm.formulation]
         for info.formulation in order:
             solve = self._joint_primal if info.formulation == "primal" else self._joint_dual
-            dW, info.iterations, info.residual, info.converged = solve(Q, theta, tol, max_iter)
+            dW, x, info.iterations, info.residual, info.converged = solve(Q, theta, tol, max_iter, warm)
             if info.converged:
+                if keep:
+                    info.warm = Warm(info.formulation, Q.cpu(), x.float().cpu())
                 return self._result(self.W + dW.to(self.W.dtype), removed), info
         raise NotConverged(f"joint element update: relative residual {info.residual:.2e} after {max_iter} "
                            f"iterations ({' and '.join(order)}), above update.tol={tol:g}")
@@ -347,9 +374,11 @@ class LayerOBS:
             raise ValueError(f"formulation={formulation!r}; valid: primal, dual (None: chosen per layer)")
         return formulation
 
-    def _joint_dual(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
-        """dW from [F^-1]_QQ m = w_Q: [F^-1]_QQ v = (G^-1 V A^-1)_Q (rank 2: K_G ((K_G^T V K_A) / S) K_A^T),
-        on the rows and columns that hold a removed entry; Jacobi diag (G^-1)_rr (A^-1)_cc."""
+    def _joint_dual(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int, warm: Warm | None = None
+                    ) -> tuple[Tensor, Tensor, int, float, bool]:
+        """dW and m from [F^-1]_QQ m = w_Q: [F^-1]_QQ v = (G^-1 V A^-1)_Q (rank 2: K_G ((K_G^T V K_A) / S) K_A^T),
+        on the rows and columns that hold a removed entry; Jacobi diag (G^-1)_rr (A^-1)_cc; from `warm`'s m
+        when it solved this system."""
         rq, cq = Q.any(1).nonzero().squeeze(1), Q.any(0).nonzero().squeeze(1)
         Qs, b = Q[rq][:, cq], theta[rq][:, cq]
         if self.S is None:
@@ -363,13 +392,16 @@ class LayerOBS:
             make = lambda KG, KA, S: lambda V: torch.where(Qs, KG @ ((KG.T @ V @ KA) / S) @ KA.T, 0)  # noqa: E731
             apply, apply32 = make(KGq, KAq, S), make(KGq.float(), KAq.float(), S.float())
         diag = self._inverse_diag()[rq][:, cq].double()
-        m, *stats = _pcg_refined(apply, apply32, b, torch.where(Qs, 1 / diag, 0), tol, max_iter)
+        x0 = warm.start("dual", Q, b.shape, b.device) if warm is not None else None
+        m, *stats = _pcg_refined(apply, apply32, b, torch.where(Qs, 1 / diag, 0), tol, max_iter, x0=x0)
         if self.S is None:
-            return -(Gi[:, rq] @ m @ Ai[cq]), *stats
-        return -(K_G @ ((KGq.T @ m @ KAq) / S) @ K_A.T), *stats
+            return -(Gi[:, rq] @ m @ Ai[cq]), m, *stats
+        return -(K_G @ ((KGq.T @ m @ KAq) / S) @ K_A.T), m, *stats
 
-    def _joint_primal(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int) -> tuple[Tensor, int, float, bool]:
-        """dW from F_KK dW_K = (F Theta)_K on the kept entries K (F V = sum_t G_t V A_t); Jacobi diag F."""
+    def _joint_primal(self, Q: Tensor, theta: Tensor, tol: float, max_iter: int, warm: Warm | None = None
+                      ) -> tuple[Tensor, Tensor, int, float, bool]:
+        """dW and dW_K from F_KK dW_K = (F Theta)_K on the kept entries K (F V = sum_t G_t V A_t); Jacobi diag F;
+        from `warm`'s dW_K when it solved this system."""
         K = ~Q
         dW = -theta
         rk, ck = K.any(1).nonzero().squeeze(1), K.any(0).nonzero().squeeze(1)
@@ -380,9 +412,10 @@ class LayerOBS:
         make = lambda sub: lambda V: torch.where(Ks, sum(G @ V @ A for G, A in sub), 0)  # noqa: E731
         apply, apply32 = make(sub), make([(G.float(), A.float()) for G, A in sub])
         diag = sum(G.diagonal()[:, None] * A.diagonal()[None, :] for G, A in sub)
-        x, *stats = _pcg_refined(apply, apply32, b, torch.where(Ks, 1 / diag, 0), tol, max_iter)
+        x0 = warm.start("primal", Q, b.shape, b.device) if warm is not None else None
+        x, *stats = _pcg_refined(apply, apply32, b, torch.where(Ks, 1 / diag, 0), tol, max_iter, x0=x0)
         dW[rk[:, None], ck] += x
-        return dW, *stats
+        return dW, x, *stats
 
     def update_elements_independent(self, removed: Tensor) -> Tensor:
         """New W after removing `removed` (R, Cw), each element's OBS update computed alone and summed
@@ -526,16 +559,19 @@ def _pcg(apply, b: Tensor, precond: Tensor, tol: float, max_iter: int) -> tuple[
 REFINE_TOL = 1e-5
 
 
-def _pcg_refined(apply, apply32, b: Tensor, precond: Tensor, tol: float, max_iter: int, rounds: int = 6
-                 ) -> tuple[Tensor, int, float, bool]:
+def _pcg_refined(apply, apply32, b: Tensor, precond: Tensor, tol: float, max_iter: int, rounds: int = 6,
+                 x0: Tensor | None = None) -> tuple[Tensor, int, float, bool]:
     """`_pcg` to `tol` at about half the cost: conjugate gradients in float32 on the float64 residual, refined
     (x += float32 solve of b - apply(x), residual recomputed in float64) until the float64 residual reaches
     `tol`; when a float32 round stalls, float64 conjugate gradients finish from where the rounds got to.
-    Same returns as `_pcg`, iterations counted over all rounds."""
+    Same returns as `_pcg`, iterations counted over all rounds. `x0`: the start (an earlier, looser solution)."""
     b_norm = b.norm()
     x, r = torch.zeros_like(b), b.clone()
     if b_norm == 0:
         return x, 0, 0.0, True
+    if x0 is not None:
+        x = x0.to(b.dtype).clone()
+        r = b - apply(x)
     iterations, precond32 = 0, precond.float()
     for _ in range(rounds):
         rel = (r.norm() / b_norm).item()

@@ -85,6 +85,9 @@ class ShotOptions:
     choose: str = _setting("curvature.auto_damping.choose", default="within_se")  # within_se | lowest
     monotone: bool = _setting("curvature.auto_damping.monotone", default=False)  # after shot 1, no scale below the last
     every: int = _setting("curvature.auto_damping.every", default=1)  # search at shots 1, 1 + every, ... (runner)
+    # the tries' joint element solves stop at this relative residual, the chosen one is refined to update.tol from
+    # its solution; None: every try solved to update.tol
+    try_tol: float | None = _setting("curvature.auto_damping.tol", default=None)
     fisher: str = _setting("curvature.fisher", protocol=True)
     undamped_numerators: bool = _setting("curvature.undamped_numerators")
     blocksize: int = _setting("method.blocksize", preset="sparsegpt")  # SparseGPT's; other presets have none
@@ -117,6 +120,12 @@ class ShotOptions:
         if self.whole_experts and self.structure == "structured":  # what was used: no gradient pass, no measurement
             out["whole_cost"] = self.whole_cost if self.kind == "kfac" else "zero"
         return out
+
+    @property
+    def joint_solves(self) -> bool:
+        """The update is the layer-joint element solve by conjugate gradients (`LayerOBS.update_elements_joint`)."""
+        return (self.structure != "structured" and self.correlation not in ("none", "independent")
+                and self.solver != "grouped" and self.method not in LAYERWISE_METHODS)
 
     @property
     def measures_rerouting(self) -> bool:
@@ -315,11 +324,14 @@ class _Shot:
     rerouting: dict = field(default_factory=dict)
     kfac_costs: dict = field(default_factory=dict)  # per MoE block, (E,) the KFAC cost of each whole expert
 
-    def solve(self, factors: dict, opts: ShotOptions, *, keep: bool,
-              progress: bool = False) -> tuple[dict[str, float], dict]:
+    def solve(self, factors: dict, opts: ShotOptions, *, keep: bool, progress: bool = False,
+              warm: dict | None = None, keep_warm: bool = False, select: bool = True) -> tuple[dict[str, float], dict]:
         """Costs, selection and update under `opts` (its damping); `keep`: leave `factors` whole (for another
         try), else each layer's are dropped once used. Returns the seconds of the costs and update phases and
-        `solves`, `beta` (and over several processes `own_update_s`, `balance`)."""
+        `solves`, `beta` (and over several processes `own_update_s`, `balance`). Joint element solves start from
+        `warm`'s solution of a layer where it solved the same system (obs.Warm); `keep_warm`: this process's
+        layers' solutions in `warm` of the result; `select=False`: the state's masks are this solve's (no costs
+        and selection: a try's, restored), only the update runs."""
         model, layers, state, owner, mine, idle = (self.model, self.layers, self.state, self.owner, self.mine,
                                                    self.idle)
         devices = self.devices
@@ -331,87 +343,90 @@ class _Shot:
         # holds more than the model, the factors, the costs and one solver (section 5, memory).
         t0 = time.perf_counter()
         obd = opts.correlation == "none"
-        beta: dict[str, float] = {}
-        costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
         whole = opts.whole_experts and opts.structure == "structured"  # routed experts: removed whole or kept
-        for layer in mine:
-            if whole and layer.expert is not None:
+        beta: dict[str, float] = {}
+        if select:
+            costs = {}  # (layer name, "elements" | "rows" | "cols") -> costs
+            for layer in mine:
+                if whole and layer.expert is not None:
+                    if layer.name in idle:
+                        costs[layer.name, "zero"] = torch.full((1,), math.inf, device=layer.weight.device)
+                    else:
+                        scorer = _scorer(layer, factors[layer.name], opts)
+                        cost = scorer.obd_element_costs().sum() if obd else scorer.zero_cost()
+                        costs[layer.name, "zero"] = cost.reshape(1)
+                        del scorer
+                    continue
                 if layer.name in idle:
-                    costs[layer.name, "zero"] = torch.full((1,), math.inf, device=layer.weight.device)
-                else:
-                    scorer = _scorer(layer, factors[layer.name], opts)
-                    cost = scorer.obd_element_costs().sum() if obd else scorer.zero_cost()
-                    costs[layer.name, "zero"] = cost.reshape(1)
-                    del scorer
-                continue
-            if layer.name in idle:
-                inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
+                    inf = functools.partial(torch.full, fill_value=math.inf, device=layer.weight.device)
+                    if opts.structure == "structured":
+                        costs[layer.name, "rows"], costs[layer.name, "cols"] = inf((layer.out_features,)), inf(
+                            (layer.in_features,))
+                    else:
+                        costs[layer.name, "elements"] = inf(layer.shape)
+                    continue
+                t1 = time.perf_counter()
+                scorer = _scorer(layer, factors[layer.name], opts)
                 if opts.structure == "structured":
-                    costs[layer.name, "rows"], costs[layer.name, "cols"] = inf((layer.out_features,)), inf(
-                        (layer.in_features,))
+                    costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
+                    costs[layer.name, "cols"] = scorer.obd_col_costs() if obd else scorer.col_costs()
                 else:
-                    costs[layer.name, "elements"] = inf(layer.shape)
-                continue
-            t1 = time.perf_counter()
-            scorer = _scorer(layer, factors[layer.name], opts)
+                    costs[layer.name, "elements"] = scorer.obd_element_costs() if obd else scorer.element_costs()
+                if opts.rank == 2:
+                    beta[layer.name] = scorer.beta
+                del scorer
+                if lap:
+                    took[layer.name] += lap(t1)
+            if obd:
+                if not keep:
+                    factors.clear()  # no update: the factors are done
+            beta = _in_layer_order(layers, distributed.gather_objects(beta))
+            uniform = opts.selection == "uniform"
             if opts.structure == "structured":
-                costs[layer.name, "rows"] = scorer.obd_row_costs() if obd else scorer.row_costs()
-                costs[layer.name, "cols"] = scorer.obd_col_costs() if obd else scorer.col_costs()
+                # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
+                units = [layer for layer in layers if not (whole and layer.expert is not None)]
+                keys = [(layer.name, kind) for layer in units for kind in ("rows", "cols")]
+                keys += [(layer.name, "zero") for layer in layers if whole and layer.expert is not None]
+                costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys,
+                                                models.input_device(model))
+                row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in units}
+                col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in units}
+                groups = _whole_experts(layers, costs, state, self) if whole else None
+                chosen = select_structured(row_costs, col_costs, {n: state.rows[n] for n in row_costs},
+                                           {n: state.cols[n] for n in col_costs}, self.target, uniform=uniform,
+                                           whole=groups)
+                rows, cols = chosen[:2]
+                del row_costs, col_costs
+                state.rows.update(rows)
+                state.cols.update(cols)
+                for name in rows:
+                    state.removed[name] = rows[name][:, None] | cols[name][None, :]
+                for block, drop in (chosen[2] if groups else {}).items():
+                    for e in drop.nonzero().squeeze(1).tolist():
+                        for layer in groups[block].layers[e]:
+                            for masks in (state.rows, state.cols, state.removed):
+                                masks[layer.name] = torch.ones_like(masks[layer.name])
             else:
-                costs[layer.name, "elements"] = scorer.obd_element_costs() if obd else scorer.element_costs()
-            if opts.rank == 2:
-                beta[layer.name] = scorer.beta
-            del scorer
-            if lap:
-                took[layer.name] += lap(t1)
-        if obd:
-            if not keep:
-                factors.clear()  # no update: the factors are done
-        beta = _in_layer_order(layers, distributed.gather_objects(beta))
-        uniform = opts.selection == "uniform"
-        if opts.structure == "structured":
-            # R + C costs per layer: every rank gets them all and makes the same selection, hence the same masks
-            units = [layer for layer in layers if not (whole and layer.expert is not None)]
-            keys = [(layer.name, kind) for layer in units for kind in ("rows", "cols")]
-            keys += [(layer.name, "zero") for layer in layers if whole and layer.expert is not None]
-            costs = distributed.from_owners(costs, {key: owner[key[0]] for key in keys}, keys, models.input_device(model))
-            row_costs = {layer.name: costs.pop((layer.name, "rows")) for layer in units}
-            col_costs = {layer.name: costs.pop((layer.name, "cols")) for layer in units}
-            groups = _whole_experts(layers, costs, state, self) if whole else None
-            chosen = select_structured(row_costs, col_costs, {n: state.rows[n] for n in row_costs},
-                                       {n: state.cols[n] for n in col_costs}, self.target, uniform=uniform,
-                                       whole=groups)
-            rows, cols = chosen[:2]
-            del row_costs, col_costs
-            state.rows.update(rows)
-            state.cols.update(cols)
-            for name in rows:
-                state.removed[name] = rows[name][:, None] | cols[name][None, :]
-            for block, drop in (chosen[2] if groups else {}).items():
-                for e in drop.nonzero().squeeze(1).tolist():
-                    for layer in groups[block].layers[e]:
-                        for masks in (state.rows, state.cols, state.removed):
-                            masks[layer.name] = torch.ones_like(masks[layer.name])
-        else:
-            # element costs stay with their owner: the threshold is found from counts combined over the ranks
-            split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
-                          distributed.reduce_ints) if distributed.active() else None
-            costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
-            removed = {layer.name: state.removed[layer.name] for layer in mine}
-            if opts.structure == "semistructured":
-                state.removed.update(select_nm(costs, removed, self.target, opts.n, opts.m, uniform=uniform, split=split))
-            else:
-                state.removed.update(select_unstructured(costs, removed, self.target, uniform=uniform, consume=True,
-                                                         split=split))
-            for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
-                mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
-                state.removed[layer.name] = mask.bool()
-        del costs
-        _sync(devices)
+                # element costs stay with their owner: the threshold is found from counts combined over the ranks
+                split = Split([l.name for l in layers], sum(l.weight.numel() for l in layers),
+                              distributed.reduce_ints) if distributed.active() else None
+                costs = {layer.name: costs.pop((layer.name, "elements")) for layer in mine}
+                removed = {layer.name: state.removed[layer.name] for layer in mine}
+                if opts.structure == "semistructured":
+                    state.removed.update(select_nm(costs, removed, self.target, opts.n, opts.m, uniform=uniform,
+                                                   split=split))
+                else:
+                    state.removed.update(select_unstructured(costs, removed, self.target, uniform=uniform, consume=True,
+                                                             split=split))
+                for layer in layers if split else ():  # every rank holds every mask (the checkpoint, the next shot)
+                    mask = distributed.broadcast(state.removed[layer.name].to(torch.uint8), owner[layer.name])
+                    state.removed[layer.name] = mask.bool()
+            del costs
+            _sync(devices)
         seconds["costs"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        solves = {}
+        solves, warms = {}, {}
         for layer in tqdm(mine, desc="update", leave=False, disable=not (progress and factors)):
             if obd or layer.name in idle or (whole and layer.expert is not None):  # an expert: whole or nothing
                 if not keep:
@@ -431,11 +446,14 @@ class _Shot:
                 W = solver.update_elements(state.removed[name], max_correlate=opts.max_correlate)
             else:
                 try:
-                    W, info = solver.update_elements_joint(state.removed[name], tol=opts.tol, max_iter=opts.max_iter)
+                    W, info = solver.update_elements_joint(state.removed[name], tol=opts.tol, max_iter=opts.max_iter,
+                                                           warm=(warm or {}).get(name), keep=keep_warm)
                 except NotConverged as err:
                     raise NotConverged(f"layer {name}: {err}; raise update.max_iter or update.tol and rerun with "
                                        "resume=true, or use update.solver=grouped") from None
                 solves[name] = info.as_dict()
+                if keep_warm:
+                    warms[name] = info.warm
             set_weight_with_bias(layer.module, W)
             del solver, W
             if lap:
@@ -458,7 +476,7 @@ class _Shot:
             mask_routers(layers, state.removed)  # no token reaches a removed expert: the rest share its weight
         _sync(devices)
         seconds["update"] = time.perf_counter() - t0
-        return seconds, {"solves": solves, "beta": beta} | own
+        return seconds, {"solves": solves, "beta": beta} | own | ({"warm": warms} if keep_warm else {})
 
 
 def _whole_experts(layers: list[PrunableLayer], costs: dict, state: PruneState, shot: "_Shot") -> dict:
@@ -514,10 +532,12 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
     scale * (damping_a, damping_g) for scales center * step^k, k = 0, +1, -1, then further out on the side whose
     end is best while tries remain (`monotone` after the first shot: k = 0, +1, +2, ... only); the weights and
     masks of the try that `choose` picks are kept (`_choice`: the lowest held-out loss, or the largest scale
-    within one standard error of it). Every try starts from the weights and masks the shot started from. The
-    account (`damping`): per try the scale, dampings, held-out loss, its increase over the shot and its
-    standard error against the lowest; the chosen scale, and for its step the increase the quadratic model
-    predicts (`predicted_increase`) and the measured / predicted ratio."""
+    within one standard error of it). Every try starts from the weights and masks the shot started from.
+    With `try_tol` (looser than update.tol) and joint element solves, the tries solve to try_tol and the chosen
+    one is solved once more to update.tol, starting from its try's solutions (`obs.Warm`). The
+    account (`damping`): per try the scale, dampings, held-out loss, its increase over the shot, its
+    standard error against the lowest and the joint solves' iterations; the chosen scale, and for its step the
+    increase the quadratic model predicts (`predicted_increase`) and the measured / predicted ratio."""
     t0 = time.perf_counter()
     start = _Snapshot.take(shot.layers, shot.state)
     before = heldout_losses(shot.model, heldout)
@@ -525,24 +545,46 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
     tried: dict[int, dict] = {}
     losses: dict[int, torch.Tensor] = {}  # per try, the held-out windows' losses
     infos: dict[int, dict] = {}
+    loose = opts.joint_solves and opts.try_tol is not None and opts.try_tol > opts.tol
+    warms: dict[int, dict] = {}  # loose: per try that may yet be chosen, its layers' solutions
     kept = None  # (k, snapshot) of the try the rule picked among those so far, while more tries may follow
     upward = opts.monotone and not first
     for k in _exponents(opts.tries, tried, upward=upward):
         scale = center * opts.step**k
         if tried:
             start.restore(shot.layers, shot.state)
-        try_opts = replace(opts, damping_a=opts.damping_a * scale, damping_g=opts.damping_g * scale)
-        more, info = shot.solve(factors, try_opts, keep=True, progress=progress)
+        try_opts = replace(opts, damping_a=opts.damping_a * scale, damping_g=opts.damping_g * scale,
+                           tol=opts.try_tol if loose else opts.tol)
+        more, info = shot.solve(factors, try_opts, keep=True, progress=progress, keep_warm=loose)
         for phase in seconds:
             seconds[phase] += more[phase]
         losses[k] = heldout_losses(shot.model, heldout)
         tried[k] = {"scale": scale, "damping_a": try_opts.damping_a, "damping_g": try_opts.damping_g,
                     "heldout_loss": losses[k].mean().item(), "measured": (losses[k] - before).mean().item()}
+        if info["solves"]:
+            tried[k]["iterations"] = sum(s["iterations"] for s in info["solves"].values())
+        if loose:  # its solutions and masks, for the refinement if it is chosen
+            warms[k] = (info.pop("warm"), _Snapshot.masks(shot.state))
+            for j in [j for j in warms if j != _choice(losses, opts.choose) and j != k]:
+                del warms[j]  # neither the rule's pick so far nor the latest: solved afresh if chosen after all
         infos[k] = info
-        if _choice(losses, opts.choose) == k and len(tried) < opts.tries:  # more tries may follow: keep a copy
+        if not loose and _choice(losses, opts.choose) == k and len(tried) < opts.tries:  # more tries may follow
             kept = (k, _Snapshot.take(shot.layers, shot.state))
     k = _choice(losses, opts.choose)
-    if k != list(tried)[-1]:  # the model holds the last try: the chosen one's copy, or (a rule that picked it
+    if loose:  # the chosen try to update.tol: its masks (no second costs phase), from its solutions
+        start.restore(shot.layers, shot.state)
+        warm, masks = warms.get(k, (None, None))
+        if masks is not None:
+            masks.restore(shot.layers, shot.state)
+        more, refined_info = shot.solve(factors, replace(opts, damping_a=tried[k]["damping_a"],
+                                                         damping_g=tried[k]["damping_g"]), keep=True,
+                                        progress=progress, warm=warm, select=masks is None)
+        infos[k] = refined_info | {"beta": refined_info["beta"] or infos[k]["beta"]}  # beta: of its costs phase
+        for phase in seconds:
+            seconds[phase] += more[phase]
+        del warms, warm, masks
+        refined = heldout_losses(shot.model, heldout)  # the account's loss is the kept (refined) model's
+    elif k != list(tried)[-1]:  # the model holds the last try: the chosen one's copy, or (a rule that picked it
         if kept is not None and kept[0] == k:  # only after later tries, as within_se can) solved once more
             kept[1].restore(shot.layers, shot.state)
         else:
@@ -557,6 +599,8 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
     for j in tried:
         tried[j]["se"] = _paired_se(losses[j], losses[lowest])
     chosen = tried[k]
+    if loose:
+        chosen = chosen | {"heldout_loss": refined.mean().item(), "measured": (refined - before).mean().item()}
     predicted = predicted_increase(shot, factors, start, seq_len)  # of the chosen step only: it costs a costs phase
     factors.clear()
     seconds["damping"] = time.perf_counter() - t0 - seconds["costs"] - seconds["update"]
@@ -565,6 +609,8 @@ def search_damping(shot: _Shot, factors: dict, opts: ShotOptions, heldout: torch
                "measured": chosen["measured"], "predicted": predicted,
                "ratio": chosen["measured"] / predicted if predicted > 0 else None,
                "tried": [tried[j] for j in tried]}
+    if loose:
+        account["try_tol"] = opts.try_tol
     return seconds, info | {"damping": account}
 
 
@@ -612,12 +658,17 @@ class _Snapshot:
     @classmethod
     def take(cls, layers: list[PrunableLayer], state: PruneState) -> "_Snapshot":
         return cls({layer.name: weight_with_bias(layer.module).detach().cpu() for layer in layers},
-                   {key: {k: v.clone() for k, v in masks.items()} for key, masks in
-                    (("removed", state.removed), ("rows", state.rows), ("cols", state.cols))})
+                   cls.masks(state).state)
+
+    @classmethod
+    def masks(cls, state: PruneState) -> "_Snapshot":
+        """The masks alone (`restore` then leaves the weights as they are)."""
+        return cls({}, {key: {k: v.clone() for k, v in masks.items()} for key, masks in
+                        (("removed", state.removed), ("rows", state.rows), ("cols", state.cols))})
 
     @torch.no_grad()
     def restore(self, layers: list[PrunableLayer], state: PruneState) -> None:
-        for layer in layers:
+        for layer in layers if self.weights else ():
             set_weight_with_bias(layer.module, self.weights[layer.name].to(layer.weight.device))
         for key, masks in self.state.items():
             getattr(state, key).update({k: v.clone() for k, v in masks.items()})

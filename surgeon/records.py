@@ -86,9 +86,10 @@ def portable_config(node):
 
 
 def _before_rules(auto_damping) -> None:
-    """curvature.auto_damping before choose, monotone and every: the lowest held-out loss, both ways, every shot."""
+    """curvature.auto_damping before choose, monotone, every and tol: the lowest held-out loss, both ways, every
+    shot, each try solved to update.tol."""
     if isinstance(auto_damping, dict):
-        for key, value in {"choose": "lowest", "monotone": False, "every": 1}.items():
+        for key, value in {"choose": "lowest", "monotone": False, "every": 1, "tol": None}.items():
             auto_damping.setdefault(key, value)
 
 
@@ -290,7 +291,8 @@ def _auto_damping(cfg) -> dict | None:
 
     auto = cfg.curvature.auto_damping
     return {"heldout": auto.heldout, "heldout_seed": heldout_seed(cfg.calib.seed), "step": auto.step,
-            "tries": auto.tries, "choose": auto.choose, "monotone": auto.monotone, "every": auto.every}
+            "tries": auto.tries, "choose": auto.choose, "monotone": auto.monotone, "every": auto.every,
+            "tol": auto.get("tol")}
 
 
 def _calib_source(cfg) -> str:

@@ -252,7 +252,7 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     full = runner.run(compose(args), tmp_path / "full")
     assert full["protocol"]["damping"] == "auto"
     assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4,
-                                                "choose": "within_se", "monotone": False, "every": 1}
+                                                "choose": "within_se", "monotone": False, "every": 1, "tol": None}
     chosen = [p["damping"]["chosen"] for p in full["points"]]
     for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
         assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
@@ -308,6 +308,8 @@ def test_a_search_every_second_shot_keeps_its_choice_between(tmp_path):
     (["curvature.auto_damping.choose=median"], "curvature.auto_damping.choose"),
     (["curvature.auto_damping.every=0"], "every=0 must be a positive integer"),
     (["curvature.auto_damping.monotone=sometimes"], "monotone='sometimes' must be true or false"),
+    (["curvature.auto_damping.tol=1"], "tol=1 must be a relative residual in \\(0, 1\\)"),
+    (["curvature.auto_damping.tol=fast"], "tol='fast' must be a relative residual"),
 ])
 def test_bad_auto_damping_settings_are_refused_up_front(override, message):
     damping = [] if override == ["curvature.damping=lm"] else ["curvature.damping=auto"]
@@ -331,3 +333,38 @@ def test_records_before_auto_damping_read_as_fixed():
                                                                                    "tries": 4}}}})
     assert before["protocol"]["auto_damping"]["choose"] == "lowest" and not before["protocol"]["auto_damping"]["monotone"]
     assert before["config"]["curvature"]["auto_damping"] == old_rule
+
+
+def test_loose_tries_refined_give_the_tight_search():
+    """curvature.auto_damping.tol: the tries' joint solves stop at 1e-3, their held-out losses are the tight
+    tries' (to 1e-5), the search picks the same scale, and the chosen try refined from its solutions is the model
+    of a fixed-damping shot at that damping to update.tol; the tries' iterations are recorded and fewer."""
+    batches, heldout = tiny_data()
+    base = dict(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-10, max_iter=2000,
+                accumulate="float64", tries=4, damping="auto")
+    accounts, models = {}, {}
+    for try_tol in (None, 1e-3):
+        model, layers = tiny_opt()
+        state = PruneState.empty(layers)
+        _, info = prune_shot(model, layers, batches, state, 0.4, ShotOptions(**base, try_tol=try_tol), seed=2,
+                             heldout=heldout)
+        accounts[try_tol], models[try_tol] = info["damping"], (model, layers, state, info["solves"])
+    tight, loose = accounts[None], accounts[1e-3]
+    assert loose["try_tol"] == 1e-3 and "try_tol" not in tight
+    assert [t["scale"] for t in loose["tried"]] == [t["scale"] for t in tight["tried"]]
+    for a, b in zip(loose["tried"], tight["tried"]):
+        assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], abs=1e-5)
+        assert 0 < a["iterations"] < b["iterations"]
+    assert loose["chosen"] == tight["chosen"]
+    assert loose["heldout_loss"] == pytest.approx(tight["heldout_loss"], abs=1e-9)  # the refined model's loss
+    model, layers, state, solves = models[1e-3]
+    assert all(s["converged"] and s["residual"] <= 1e-10 for s in solves.values())
+    fixed_model, fixed_layers = tiny_opt()
+    fixed_state = PruneState.empty(fixed_layers)
+    chosen = base | dict(damping="fixed", damping_a=loose["damping_a"], damping_g=loose["damping_g"])
+    _, fixed = prune_shot(fixed_model, fixed_layers, batches, fixed_state, 0.4, ShotOptions(**chosen), seed=2)
+    for a, b in zip(layers, fixed_layers):
+        assert torch.allclose(weight_with_bias(a.module), weight_with_bias(b.module), rtol=0, atol=1e-7), a.name
+        assert torch.equal(state.removed[a.name], fixed_state.removed[b.name])
+    # the refinement started from the try's solutions: fewer iterations than the fixed shot's cold solves
+    assert sum(s["iterations"] for s in solves.values()) < sum(s["iterations"] for s in fixed["solves"].values())

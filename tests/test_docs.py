@@ -1,5 +1,7 @@
 """The README stays a short tour (under 300 lines) and every local link in it and in docs/ resolves."""
 import re
+import shutil
+import subprocess
 
 from conftest import ROOT
 
@@ -62,3 +64,27 @@ def test_readme_refusal_table_is_the_committed_records_output():
     for r in records:
         assert (r["exit"], r["lines"], r["folder_left"], r["expected"]) == (2, 1, False, True), r["what"]
         assert r["seconds"] < 10 or "first check" in r["what"], r["what"]
+
+
+# paths the docs name as where a user's own run writes (the default `results=`, an example command), not records
+WRITTEN_BY_THE_READER = {"results/records.jsonl", "results/ablation_correlation.jsonl"}
+
+
+def cited_records(text: str) -> set[str]:
+    return set(re.findall(r"results/[\w.-]+\.jsonl", text))
+
+
+def test_every_cited_record_is_committed():
+    """A number in the docs names the records it comes from: each of those files is in the checkout (a clean
+    clone holds only what git tracks, and results/ is ignored but for the listed exceptions)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    cited = set().union(*(cited_records(p.read_text()) for p in pages)) - WRITTEN_BY_THE_READER
+    assert sorted(c for c in cited if not (ROOT / c).is_file()) == []
+    if shutil.which("git") and (ROOT / ".git").exists():  # here too, not only on a clean clone: none is ignored
+        ignored = subprocess.run(["git", "check-ignore", *sorted(cited)], cwd=ROOT, capture_output=True, text=True)
+        assert ignored.stdout.split() == []
+
+
+def test_the_record_check_finds_a_citation():
+    assert cited_records("from `results/a-b.jsonl` and results/c.jsonl, not results/d.json") == {
+        "results/a-b.jsonl", "results/c.jsonl"}

@@ -485,3 +485,30 @@ def test_refined_cg_reaches_the_float64_solution(scale32):
                                                       1e-12, 2000)
     assert converged and residual <= 1e-12 and iterations > 0
     torch.testing.assert_close(x, torch.linalg.solve(M, b), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("formulation", ["dual", "primal"])
+def test_a_loose_joint_solve_refined_from_its_solution_is_the_tight_solve(formulation):
+    """curvature.auto_damping.tol: a solve to 1e-3 kept (info.warm), then the same system to 1e-10 from it, equals
+    the cold solve to 1e-10 in fewer iterations than the cold one; a different mask's solution is not used."""
+    gen = torch.Generator().manual_seed(5)
+    R_, C_ = 24, 40
+    X = torch.randn(200, C_, generator=gen, dtype=torch.float64)
+    Y = torch.randn(200, R_, generator=gen, dtype=torch.float64)
+    X[:, 1:] += 0.8 * X[:, :-1]  # correlated inputs: CG needs many iterations
+    A, G = X.T @ X / 200, Y.T @ Y / 200
+    W = torch.randn(R_, C_, generator=gen, dtype=torch.float64)
+    removed = torch.rand(R_, C_, generator=gen) < 0.5
+    o = LayerOBS(W, A, G, damping_a=1e-3, damping_g=1e-3, has_bias=False)
+    cold, cold_info = o.update_elements_joint(removed, tol=1e-10, formulation=formulation)
+    _, loose = o.update_elements_joint(removed, tol=1e-3, formulation=formulation, keep=True)
+    assert loose.warm is not None and loose.warm.x.dtype == torch.float32 and "warm" not in loose.as_dict()
+    got, info = o.update_elements_joint(removed, tol=1e-10, formulation=formulation, warm=loose.warm)
+    torch.testing.assert_close(got, cold, rtol=1e-7, atol=1e-7)
+    assert info.converged and info.residual <= 1e-10
+    assert info.iterations < cold_info.iterations, (info.iterations, cold_info.iterations)
+    other = removed.clone()
+    other[0, ~other[0]] = True  # another system: its solution is no start for this one
+    _, elsewhere = o.update_elements_joint(other, tol=1e-3, formulation=formulation, keep=True)
+    _, again = o.update_elements_joint(removed, tol=1e-10, formulation=formulation, warm=elsewhere.warm)
+    assert again.iterations == cold_info.iterations
