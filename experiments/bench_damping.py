@@ -79,6 +79,11 @@ def main(argv=None):
                                      heldout=heldout)
                 seconds[damping, try_tol] = (s, len(info["damping"]["tried"]) if "damping" in info else 1)
                 print(f"{name} {structure} {method} {damping} tol={try_tol}: {sum(s.values()):.1f} s", flush=True)
+                if "damping" in info:  # what the search saw: per try scale, held-out loss, CG iterations
+                    d = info["damping"]
+                    print("  chosen", d["chosen"], "held-out", f"{d['heldout_loss']:.6f};", "; ".join(
+                        f"{t['scale']:.4g}: {t['heldout_loss']:.6f} ({t.get('iterations', '-')} it)"
+                        for t in d["tried"]), flush=True)
                 del model
             rows.extend((name, structure, method, t, seconds[("fixed", None)], seconds[("auto", t)]) for t in tols)
 

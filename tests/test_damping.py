@@ -206,12 +206,12 @@ def test_a_monotone_search_after_the_first_shot_tries_no_smaller_scale():
     assert later["damping"]["chosen"] >= 3.0
 
 
-def _auto_shots():
+def _auto_shots(try_tol=None):
     model, layers = tiny_opt()
     batches, heldout = tiny_data()
     state, out = PruneState.empty(layers), []
     opts = ShotOptions(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-8, max_iter=500,
-                       accumulate="float64", damping="auto", tries=4, choose="lowest")
+                       accumulate="float64", damping="auto", tries=4, choose="lowest", try_tol=try_tol)
     scale = 1.0
     for shot in (1, 2):
         _, info = prune_shot(model, layers, batches, state, 0.25 * shot, opts, seed=shot, heldout=heldout,
@@ -221,18 +221,24 @@ def _auto_shots():
     return out
 
 
-def test_two_processes_choose_as_one_process(tmp_path):
+def _auto_shots_loose():
+    return _auto_shots(try_tol=1e-3)
+
+
+@pytest.mark.parametrize("shots", [_auto_shots, _auto_shots_loose])
+def test_two_processes_choose_as_one_process(tmp_path, shots):
     """Two gloo processes (held-out loss split over the ranks, predictions summed over the layers' owners): the
-    same tries, losses and choice as one process, and the same masks."""
+    same tries, losses and choice as one process, and the same masks; also with loose tries refined (each rank
+    its own layers' solutions)."""
     from test_distributed import _balance_worker, _free_port
 
-    mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out"), _auto_shots), nprocs=2,
+    mp.start_processes(_balance_worker, args=(_free_port(), str(tmp_path / "out"), shots), nprocs=2,
                        start_method="spawn")
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = _auto_shots()
+        one = shots()
     finally:
         torch.set_num_threads(threads)
     for shots in ranks:
@@ -244,6 +250,7 @@ def test_two_processes_choose_as_one_process(tmp_path):
                 assert a["heldout_loss"] == pytest.approx(b["heldout_loss"], rel=1e-9)
                 assert a["measured"] == pytest.approx(b["measured"], rel=1e-9)
             assert shot["damping"]["predicted"] == pytest.approx(alone["damping"]["predicted"], rel=1e-6)
+            assert shot["damping"].get("try_tol") == alone["damping"].get("try_tol")
 
 
 def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, shared, monkeypatch, capsys):
