@@ -132,7 +132,7 @@ def test_the_search_keeps_its_best_try_exactly(overrides):
     damping from the same start."""
     batches, heldout = tiny_data()
     base = dict(damping_a=0.01, damping_g=0.01, tol=1e-10, max_iter=2000, accumulate="float64", tries=4,
-                choose="lowest") | overrides
+                choose="lowest", try_tol=None) | overrides  # tries solved to tol (the loose ones: below)
     model, layers = tiny_opt()
     state = PruneState.empty(layers)
     prune_shot(model, layers, batches, state, 0.2, ShotOptions(**base), seed=1)  # a shot before: not a dense start
@@ -172,7 +172,7 @@ def test_a_try_chosen_after_later_tries_is_solved_again_exactly(monkeypatch):
     # error of k = -1, the lowest
     fake = iter([t([5.0] * 4), t([1.0] * 4), t([1.1] * 4), t([0.4, 1.5, 0.4, 1.5]), t([2.0] * 4)])
     base = dict(structure="unstructured", damping_a=0.01, damping_g=0.1, tol=1e-10, max_iter=2000,
-                accumulate="float64", tries=4)
+                accumulate="float64", tries=4, try_tol=None)
     model, layers = tiny_opt()
     state = PruneState.empty(layers)
     with monkeypatch.context() as m:
@@ -259,7 +259,7 @@ def test_a_run_records_its_search_and_resumes_with_the_same_choices(tmp_path, sh
     full = runner.run(compose(args), tmp_path / "full")
     assert full["protocol"]["damping"] == "auto"
     assert full["protocol"]["auto_damping"] == {"heldout": 4, "heldout_seed": 101, "step": 3.0, "tries": 4,
-                                                "choose": "within_se", "monotone": False, "every": 1, "tol": None}
+                                                "choose": "within_se", "monotone": False, "every": 1, "tol": 0.001}
     chosen = [p["damping"]["chosen"] for p in full["points"]]
     for p, center in zip(full["points"], [1.0, *chosen]):  # each shot searches around the previous choice
         assert p["damping"]["tried"][0]["scale"] == pytest.approx(center)
@@ -331,7 +331,7 @@ def test_records_before_auto_damping_read_as_fixed():
     new = upgrade(old)
     assert new["protocol"]["damping"] == "fixed" and new["config"]["curvature"]["damping"] == "fixed"
     fresh = compose([])
-    old_rule = dict(fresh.curvature.auto_damping) | {"choose": "lowest"}  # the only rule then
+    old_rule = dict(fresh.curvature.auto_damping) | {"choose": "lowest", "tol": None}  # the only rule then
     assert new["config"]["curvature"]["auto_damping"] == old_rule
     assert new["protocol"]["auto_damping"] is None
     before = upgrade({"protocol": {"damping": "auto", "auto_damping": {"heldout": 8, "heldout_seed": 101, "step": 3.0,
